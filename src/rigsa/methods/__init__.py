@@ -1,0 +1,59 @@
+"""Adaptation methods. Each is one file here plus one YAML in conf/method/ whose `_target_` names it.
+
+Every method follows the `Method` protocol. `attach` returns the model to train, because peft
+methods wrap the model (PeftModel) rather than change it in place.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+@dataclass
+class PruneStep:
+    """One step of a pruning schedule (used by RIGSA's iterative magnitude pruning)."""
+    iteration: int
+    keep_fraction: float
+
+
+class Method(Protocol):
+    name: str
+
+    def attach(self, model: nn.Module, calib: Iterable[dict] | None) -> nn.Module:
+        """Freeze the base, insert adapters; return the model to train. Selection methods score on `calib`."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates."""
+
+    def prune(self, step: PruneStep) -> dict[str, float]:
+        """Apply one step of the pruning schedule (no-op for most methods); return stats."""
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Exactly what must be saved to rebuild the adapted model from the base."""
+
+    def save(self, directory: Path) -> list[Path]:
+        """Write the adapter into `directory`; return the files written."""
+
+
+def freeze(model: nn.Module) -> None:
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def trainable_named(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def save_state(state: dict[str, torch.Tensor], directory: Path, metadata: dict) -> list[Path]:
+    """Save an adapter state as `adapter.safetensors` + `adapter.json` (method, config, base model)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+    save_file(tensors, directory / "adapter.safetensors", metadata={"method": str(metadata.get("method"))})
+    (directory / "adapter.json").write_text(json.dumps(metadata, indent=2, default=str))
+    return [directory / "adapter.safetensors", directory / "adapter.json"]

@@ -1,0 +1,39 @@
+"""Head only: train a copy of the output head; every other weight stays frozen.
+
+SmolLM2 ties the output head to the input embeddings. Training the tied tensor would also change
+the embeddings, so `attach` unties them: the head gets its own trainable copy, initialised equal.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rigsa.methods import PruneStep, freeze, save_state
+
+
+class HeadOnly:
+    def __init__(self, name: str = "head", **_ignored):
+        self.name = name
+        self.head: nn.Module | None = None
+
+    def attach(self, model: nn.Module, calib=None) -> nn.Module:
+        freeze(model)
+        head = model.get_output_embeddings()
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=True)
+        model.config.tie_word_embeddings = False  # a later tie_weights() must not re-tie the copy
+        self.head = head
+        return model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.head.weight]
+
+    def prune(self, step: PruneStep) -> dict[str, float]:
+        return {}
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {"lm_head.weight": self.head.weight}
+
+    def save(self, directory: Path) -> list[Path]:
+        return save_state(self.adapter_state(), directory, {"method": self.name})

@@ -1,0 +1,75 @@
+"""LoRA, DoRA and QLoRA through peft (QLoRA's 4-bit base through bitsandbytes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rigsa.methods import PruneStep, freeze, trainable_named
+
+
+def quantize_linear_layers(model: nn.Module, quant_type: str = "nf4", skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace every nn.Linear (but the head) by a bitsandbytes 4-bit layer, in place; return the count."""
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not nn.Linear or child_name in skip:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.float32, quant_type=quant_type, device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data.contiguous(), requires_grad=False, quant_type=quant_type)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            layer = layer.to(child.weight.device)  # moving a Params4bit quantizes it
+            # CPU trap: with the avx512-bf16 path on, a no-grad forward repacks the 4-bit weights and
+            # every later gradient through the layer is silently zero. Keep the plain path.
+            layer.support_avx512bf16_for_cpu = False
+            setattr(module, child_name, layer)
+            replaced += 1
+    return replaced
+
+
+class PeftLora:
+    def __init__(self, name: str = "lora", r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 target_modules=("all-linear",), use_dora: bool = False, load_in_4bit: bool = False,
+                 quant_type: str = "nf4", **_ignored):
+        self.name = name
+        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
+        self.target_modules = list(target_modules)
+        self.use_dora, self.load_in_4bit, self.quant_type = bool(use_dora), bool(load_in_4bit), quant_type
+        self.model: nn.Module | None = None
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        targets = "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          use_dora=self.use_dora, task_type="CAUSAL_LM", bias="none")
+
+    def attach(self, model: nn.Module, calib=None) -> nn.Module:
+        from peft import get_peft_model
+
+        freeze(model)
+        if self.load_in_4bit:
+            quantize_linear_layers(model, self.quant_type)
+        self.model = get_peft_model(model, self.peft_config())
+        return self.model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(trainable_named(self.model).values())
+
+    def prune(self, step: PruneStep) -> dict[str, float]:
+        return {}
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def save(self, directory: Path) -> list[Path]:
+        """PEFT's own format: adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained loads it)."""
+        self.model.save_pretrained(str(directory))
+        return sorted(path for path in directory.iterdir() if path.is_file())

@@ -1,0 +1,116 @@
+"""Where a run's numbers go: metrics.jsonl and results.json in the run directory, and W&B.
+
+W&B modes: `auto` is online when an API key is configured and offline otherwise (no login
+prompt, ever); `offline` writes a local run under <run dir>/wandb that `wandb sync` can upload;
+`disabled` starts nothing. A resumed run continues the same W&B run (its id is kept in the run
+directory).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf become null (results.json must parse everywhere)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(item) for item in value]
+    return value
+
+
+def _wandb_key_configured() -> bool:
+    """True when W&B has an API key (environment or ~/.netrc), i.e. `wandb login` was done."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if _wandb_key_configured() else "offline"
+
+
+class Tracker:
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume_step: int = 0):
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._truncate_after(resume_step)
+        self.wandb_run = None
+        if cfg.logger.name == "wandb" and wandb_mode(cfg.logger.mode) != "disabled":
+            import wandb
+
+            id_file = run_dir / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
+            self.wandb_run = wandb.init(
+                project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, resume="allow",
+                name=cfg.run.name, dir=str(run_dir), mode=wandb_mode(cfg.logger.mode),
+                config=OmegaConf.to_container(cfg, resolve=True), settings=wandb.Settings(silent=True))
+            log.info("W&B run %s (%s)", run_id, wandb_mode(cfg.logger.mode))
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint: they are logged again."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, metrics: dict, step: int) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(_clean({"step": step, **metrics})) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def finish(self, results: dict, adapter_dir: Path | None, log_adapter: bool) -> None:
+        write_json(self.run_dir / "results.json", results)
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        for key, value in flatten(results).items():
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                self.wandb_run.summary[key] = value
+        if log_adapter and adapter_dir is not None and adapter_dir.exists():
+            artifact = wandb.Artifact(f"adapter-{self.wandb_run.id}", type="adapter")
+            artifact.add_dir(str(adapter_dir))
+            self.wandb_run.log_artifact(artifact)
+        self.wandb_run.finish()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2))
+    tmp.replace(path)

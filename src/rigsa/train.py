@@ -1,0 +1,156 @@
+"""The training loop: AdamW, warmup + decay, accumulation, clipping, validation, checkpoint/resume.
+
+Data order is a function of (seed, step) only: an endless stream of per-epoch permutations, cut
+into micro-batches. A checkpoint therefore needs just the step, the trainable tensors, the
+optimizer and scheduler states and the RNG states; a resumed run replays the same batches and
+ends with a bit-identical adapter.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from rigsa.evaluate import answer_logits, autocast, target_accuracy
+
+log = logging.getLogger(__name__)
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    tokens: int
+    final_loss: float
+    resumed_from: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def total_steps(train_cfg: DictConfig, train_size: int) -> int:
+    """Optimizer steps: train.max_steps when > 0, else train.epochs passes over the training set."""
+    if train_cfg.max_steps > 0:
+        return int(train_cfg.max_steps)
+    per_epoch = math.ceil(train_size / (train_cfg.batch_size * train_cfg.grad_accum))
+    return max(1, math.ceil(train_cfg.epochs * per_epoch))
+
+
+def micro_batch_indices(size: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
+    """Indices of micro-batch `micro_step` in the stream of per-epoch permutations (seeded by seed, epoch)."""
+    start = micro_step * batch_size
+    chunks, position = [], start
+    while position < start + batch_size:
+        epoch, offset = divmod(position, size)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        permutation = torch.randperm(size, generator=generator)
+        take = min(size - offset, start + batch_size - position)
+        chunks.append(permutation[offset:offset + take])
+        position += take
+    return torch.cat(chunks)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(path: Path, step: int, named: dict[str, nn.Parameter], optimizer, scheduler, extra: dict) -> None:
+    """Write the checkpoint atomically: a crash mid-write leaves the previous one intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "trainable": {name: p.detach().clone() for name, p in named.items()},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, named: dict[str, nn.Parameter], optimizer, scheduler) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    missing = set(named) ^ set(state["trainable"])
+    if missing:
+        raise RuntimeError(f"checkpoint {path} does not match the adapter (differs in {sorted(missing)[:5]}): "
+                           "delete the run directory or pass run.overwrite=true")
+    with torch.no_grad():
+        for name, parameter in named.items():
+            parameter.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg: DictConfig, *, seed: int,
+          device: torch.device, dtype: str, checkpoint_path: Path, log_metrics: Callable[[dict, int], None],
+          eval_batch_size: int = 16) -> TrainResult:
+    """Train `parameters` (name -> tensor) on data.train; checkpoint to `checkpoint_path`; resume from it."""
+    steps = total_steps(train_cfg, len(data.train))
+    optimizer = torch.optim.AdamW(list(parameters.values()), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    scheduler = get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer,
+                              num_warmup_steps=min(train_cfg.warmup_steps, steps), num_training_steps=steps)
+    start, tokens_before, seconds_before = 0, 0, 0.0
+    if checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, parameters, optimizer, scheduler)
+        start, tokens_before, seconds_before = state["step"], state["tokens"], state["seconds"]
+        log.info("resumed from %s at step %d/%d", checkpoint_path, start, steps)
+    model.train()
+    tokens, loss_value, losses = tokens_before, float("nan"), []
+    clock = time.perf_counter()
+    progress = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+    for step in range(start, steps):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(train_cfg.grad_accum):
+            indices = micro_batch_indices(len(data.train), train_cfg.batch_size, seed, step * train_cfg.grad_accum + micro)
+            batch = {key: value.to(device) for key, value in data.train.batch(indices).items()}
+            with autocast(device, dtype):
+                logits = answer_logits(model, batch)
+            loss = nn.functional.cross_entropy(logits, batch["labels"]) / train_cfg.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = (torch.nn.utils.clip_grad_norm_(list(parameters.values()), train_cfg.max_grad_norm).item()
+                     if train_cfg.max_grad_norm > 0 else float("nan"))
+        optimizer.step()
+        scheduler.step()
+        loss_value = step_loss
+        losses.append(loss_value)
+        seconds = seconds_before + time.perf_counter() - clock
+        metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+                   "train/tokens_per_second": tokens / seconds if seconds else 0.0}
+        done = step + 1
+        if train_cfg.eval_every and done % train_cfg.eval_every == 0 and len(data.val):
+            val = target_accuracy(model, data.val, data.answer_token_ids, eval_batch_size, device, dtype)
+            metrics["val/accuracy"] = val["accuracy"]
+            model.train()
+        log_metrics(metrics, done)
+        progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{metrics['train/lr']:.2e}",
+                             tok_s=f"{metrics['train/tokens_per_second']:.0f}", refresh=False)
+        progress.update(1)
+        if (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == steps:
+            save_checkpoint(checkpoint_path, done, parameters, optimizer, scheduler,
+                            {"tokens": tokens, "seconds": seconds_before + time.perf_counter() - clock})
+    progress.close()
+    seconds = seconds_before + time.perf_counter() - clock
+    return TrainResult(steps=steps, seconds=seconds, tokens=tokens, final_loss=loss_value, resumed_from=start,
+                       losses=losses)

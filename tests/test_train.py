@@ -1,0 +1,66 @@
+"""The training loop: data order, accumulation, and resume to a bit-identical adapter."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from rigsa import tracking
+from rigsa.run import run
+from rigsa.train import micro_batch_indices, total_steps
+
+
+def test_data_order_covers_each_epoch_once_and_depends_only_on_seed_and_step():
+    stream = torch.cat([micro_batch_indices(10, 4, seed=3, micro_step=k) for k in range(5)])  # 20 = 2 epochs
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
+    assert torch.equal(micro_batch_indices(10, 4, 3, 2), stream[8:12])  # straddles the epoch boundary
+    assert not torch.equal(micro_batch_indices(10, 4, 4, 0), micro_batch_indices(10, 4, 3, 0))
+
+
+def test_total_steps_from_epochs_or_max_steps():
+    cfg = OmegaConf.create({"max_steps": 0, "epochs": 2, "batch_size": 8, "grad_accum": 2})
+    assert total_steps(cfg, 100) == 14  # ceil(100 / 16) = 7 per epoch
+    cfg.max_steps = 5
+    assert total_steps(cfg, 100) == 5
+
+
+def adapter_tensors(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_grad_accumulation_matches_one_large_batch(tiny_cfg, tmp_path):
+    big = run(tiny_cfg("eval=none", "train.batch_size=8", "run.name=big"), tmp_path / "big")
+    small = run(tiny_cfg("eval=none", "train.batch_size=4", "train.grad_accum=2", "run.name=acc"), tmp_path / "acc")
+    assert big["train"]["tokens"] == small["train"]["tokens"]
+    a, b = adapter_tensors(tmp_path / "big"), adapter_tensors(tmp_path / "acc")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_interrupted_run_resumes_to_a_bit_identical_adapter(tiny_cfg, tmp_path, monkeypatch):
+    overrides = ("eval=none", "train.max_steps=6", "train.checkpoint_every=2", "method.dropout=0.1")
+    reference = run(tiny_cfg(*overrides), tmp_path / "reference")
+
+    original_log = tracking.Tracker.log
+
+    def crash_at_step_5(self, metrics, step):
+        original_log(self, metrics, step)
+        if step == 5:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(tracking.Tracker, "log", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_cfg(*overrides), tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=False)["step"] == 4
+    monkeypatch.setattr(tracking.Tracker, "log", original_log)
+
+    resumed = run(tiny_cfg(*overrides), tmp_path / "resumed")
+    assert resumed["train"]["resumed_from_step"] == 4
+    a, b = adapter_tensors(tmp_path / "reference"), adapter_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the line logged after the checkpoint was dropped, then logged again
+    assert reference["train"]["final_loss"] == resumed["train"]["final_loss"]

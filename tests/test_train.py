@@ -54,7 +54,7 @@ def test_interrupted_run_resumes_to_a_bit_identical_adapter(tiny_cfg, tmp_path, 
     monkeypatch.setattr(tracking.Tracker, "log", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_cfg(*overrides), tmp_path / "resumed")
-    assert torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "resumed" / "checkpoint" / "train.pt", weights_only=False)["step"] == 4
     monkeypatch.setattr(tracking.Tracker, "log", original_log)
 
     resumed = run(tiny_cfg(*overrides), tmp_path / "resumed")

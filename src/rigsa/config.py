@@ -62,6 +62,40 @@ class LoraMethodConfig(MethodConfig):
     quant_type: str = "nf4"
 
 
+@dataclass
+class BudgetConfig:
+    density: Optional[float] = None
+    params: Optional[int] = None
+    match: Optional[str] = None
+    r: int = 8
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    from_run: Optional[str] = None
+
+
+@dataclass
+class SparseMaskMethodConfig(MethodConfig):
+    selection: str = "random"
+    target_modules: List[str] = field(default_factory=lambda: ["sparta"])
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    scope: str = "per_tensor"
+    block_size: int = 0
+    calib_batches: int = 4
+    eps: float = 1e-8
+    train_head: bool = False
+    seed: int = 0
+
+
+@dataclass
+class RigsaMethodConfig(MethodConfig):
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    init: str = "normal"
+    init_scale: float = 1.0
+    gate_init: float = 1e-6
+    gate: str = "layer"
+    weight_decay: float = 1.0
+    seed: int = 0
+
+
 # ---------------------------------------------------------------- task / pruning / eval / logger
 @dataclass
 class TextualMnistConfig:
@@ -77,6 +111,19 @@ class TextualMnistConfig:
 @dataclass
 class PruningConfig:
     name: str = "none"
+
+
+@dataclass
+class ImpPruningConfig(PruningConfig):
+    iterations: int = 5
+    keep_fraction: float = 0.5
+    epochs_per_iteration: float = 1.0
+    steps_per_iteration: int = 0
+    sign_constraint: bool = False
+    pruned_value: str = "zero"
+    rewind: bool = False
+    final_retrain_epochs: float = 1.0
+    final_retrain_steps: int = 0
 
 
 @dataclass
@@ -142,8 +189,11 @@ def register_schemas() -> None:
     cs.store(group="schema/method", name="full", node=FullMethodConfig)
     cs.store(group="schema/method", name="head", node=HeadMethodConfig)
     cs.store(group="schema/method", name="lora", node=LoraMethodConfig)
+    cs.store(group="schema/method", name="sparse_mask", node=SparseMaskMethodConfig)
+    cs.store(group="schema/method", name="rigsa", node=RigsaMethodConfig)
     cs.store(group="schema/task", name="textual_mnist", node=TextualMnistConfig)
     cs.store(group="schema/pruning", name="none", node=PruningConfig)
+    cs.store(group="schema/pruning", name="imp", node=ImpPruningConfig)
     cs.store(group="schema/eval", name="eval", node=EvalConfig)
     cs.store(group="schema/logger", name="logger", node=LoggerConfig)
 
@@ -169,6 +219,25 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
 
 # ---------------------------------------------------------------- value checks
+def check_budget(budget: DictConfig) -> None:
+    """Exactly one budget; its value in range. (The count itself needs the model: see sparse.targets.)"""
+    chosen = [key for key in ("density", "params", "match", "from_run") if budget.get(key) not in (None, "", 0)]
+    if len(chosen) != 1:
+        _fail("method.budget", chosen, "exactly one of density, params, match, from_run",
+              "set the others to null, e.g. method.budget.density=null method.budget.params=100000")
+    key = chosen[0]
+    if key == "density" and not 0 < budget.density <= 1:
+        _fail("method.budget.density", budget.density, "0 < density <= 1", "pass method.budget.density=0.005")
+    if key == "params" and budget.params < 1:
+        _fail("method.budget.params", budget.params, "a count >= 1", "pass method.budget.params=100000")
+    if key == "match" and budget.match != "lora":
+        _fail("method.budget.match", budget.match, "lora", "pass method.budget.match=lora method.budget.r=8")
+    if key == "from_run" and not os.path.exists(os.path.join(os.path.expanduser(budget.from_run), "results.json")):
+        _fail("method.budget.from_run", budget.from_run, "a finished run directory (with results.json)",
+              "point it at runs/<name> of a finished run")
+
+
+
 def _fail(key: str, value: Any, expected: str, fix: str) -> None:
     raise ConfigError(f"{key}={value!r} is invalid: expected {expected}. Fix: {fix}")
 
@@ -228,6 +297,24 @@ def validate(cfg: DictConfig) -> None:
             _fail("method.dropout", method.dropout, "0 <= dropout < 1", "pass method.dropout=0.0")
         if method.load_in_4bit and method.quant_type not in ("nf4", "fp4"):
             _fail("method.quant_type", method.quant_type, "nf4 or fp4", "pass method.quant_type=nf4")
+
+    if "budget" in method:
+        check_budget(method.budget)
+        if method.selection not in ("random", "magnitude", "gallop", "snip"):
+            _fail("method.selection", method.selection, "one of ['random', 'magnitude', 'gallop', 'snip']",
+                  "pass method.selection=random")
+        if method.block_size < 0 or method.scope not in ("per_tensor", "global"):
+            _fail("method.scope", method.scope, "per_tensor or global (block_size >= 0)", "pass method.scope=per_tensor")
+    if cfg.pruning.name == "imp":
+        if method.name != "rigsa" and "gate_init" not in method:
+            _fail("pruning", "imp", "a method that prunes (method=rigsa)", "pass pruning=none or method=rigsa")
+        if not 0 < cfg.pruning.keep_fraction <= 1:
+            _fail("pruning.keep_fraction", cfg.pruning.keep_fraction, "0 < keep_fraction <= 1", "pass pruning.keep_fraction=0.5")
+        if cfg.pruning.pruned_value not in ("zero", "init"):
+            _fail("pruning.pruned_value", cfg.pruning.pruned_value, "zero or init", "pass pruning.pruned_value=zero")
+        _positive(cfg, "pruning.iterations")
+    if "gate" in method and method.gate not in ("layer", "global"):
+        _fail("method.gate", method.gate, "layer or global", "pass method.gate=layer")
 
     if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
         _fail("logger.mode", cfg.logger.mode, "one of ['auto', 'online', 'offline', 'disabled']",

@@ -35,6 +35,11 @@ def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return output.logits[:, -1, :].float()
 
 
+def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the answer token (the loss of every training step and of calibration)."""
+    return nn.functional.cross_entropy(answer_logits(model, batch), batch["labels"])
+
+
 @torch.no_grad()
 def target_accuracy(model: nn.Module, split, answer_token_ids: torch.Tensor, batch_size: int,
                     device: torch.device, dtype: str) -> dict:

@@ -18,7 +18,8 @@ from rigsa.evaluate import cached, target_accuracy
 from rigsa.methods import trainable_named
 from rigsa.tasks import build_task
 from rigsa.tracking import Tracker
-from rigsa.train import train
+from rigsa.sparse.schedule import phases
+from rigsa.train import micro_batch_indices, train
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption without changing what is computed.
@@ -76,7 +77,34 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> str:
             return "complete"
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, config_path, resolve=True)
-    return "resume" if (run_dir / "checkpoint" / "state.pt").exists() else "fresh"
+    return "resume" if any((run_dir / "checkpoint").glob("*.pt")) else "fresh"
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in trainable_named(model).values())
+
+
+def sparse_stats(method) -> dict:
+    """{values, density, ...} for sparse methods (the exact trained count), {} for the others."""
+    return method.stats() if hasattr(method, "stats") else {}
+
+
+def calibration_batches(data, cfg: DictConfig, device: torch.device):
+    """The first training micro-batches (same order as training), for selection rules that score gradients."""
+    for micro_step in range(len(data.train)):
+        indices = micro_batch_indices(len(data.train), cfg.train.batch_size, cfg.seed, micro_step)
+        yield {key: value.to(device) for key, value in data.train.batch(indices).items()}
+
+
+def iteration_table(rows: list[dict], base: dict | None) -> str:
+    lines = [f"{'phase':<16}{'density':>10}{'trainable':>14}{'accuracy':>10}"]
+    if base is not None:
+        lines.append(f"{'base model':<16}{'':>10}{0:>14}{base['accuracy']:>10.4f}")
+    for row in rows:
+        density = f"{row['density']:.4%}" if "density" in row else ""
+        accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else ""
+        lines.append(f"{row['phase']:<16}{density:>10}{row['trainable_params']:>14,}{accuracy:>10}")
+    return "\n".join(lines)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -97,8 +125,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    checkpoint = run_dir / "checkpoint" / "state.pt"
-    resume_step = torch.load(checkpoint, map_location="cpu", weights_only=False)["step"] if state == "resume" else 0
+    resume_step = max((torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+                       for path in (run_dir / "checkpoint").glob("*.pt")), default=0)
     tracker = Tracker(cfg, run_dir, resume_step)
 
     model, tokenizer = models.load_model(cfg.model, cfg.seed)
@@ -118,29 +146,53 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     method = instantiate(cfg.method, _convert_="all")
     torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
-    model = method.attach(model, calib=None).to(device)
-    parameters = trainable_named(model)
-    trainable_params = sum(p.numel() for p in parameters.values())
+    model = method.attach(model, calib=calibration_batches(data, cfg, device)).to(device)
+    trainable_params = count_trainable(model)
     print(f"{method.name}: {trainable_params:,} trainable of {total_params:,} parameters")
 
-    result = train(model, parameters, data, cfg.train, seed=cfg.seed, device=device, dtype=cfg.dtype,
-                   checkpoint_path=checkpoint, log_metrics=tracker.log, eval_batch_size=cfg.eval.batch_size)
+    def test_accuracy() -> dict:
+        return target_accuracy(model, data.test, data.answer_token_ids, cfg.eval.batch_size, device, cfg.dtype)
 
-    adapted = None
-    if cfg.eval.target:
-        adapted = target_accuracy(model, data.test, data.answer_token_ids, cfg.eval.batch_size, device, cfg.dtype)
+    schedule = phases(cfg.pruning, cfg.train, len(data.train))
+    iterations, offset, seconds, tokens, adapted = [], 0, 0.0, 0, None
+    for number, phase in enumerate(schedule):
+        groups = method.param_groups() if hasattr(method, "param_groups") else None
+        result = train(model, trainable_named(model), data, cfg.train, seed=cfg.seed, device=device, dtype=cfg.dtype,
+                       checkpoint_path=run_dir / "checkpoint" / f"{phase.name}.pt", log_metrics=tracker.log,
+                       eval_batch_size=cfg.eval.batch_size, steps=phase.steps, step_offset=offset,
+                       param_groups=groups, desc=phase.name)
+        offset, seconds, tokens = offset + phase.steps, seconds + result.seconds, tokens + result.tokens
+        if len(schedule) > 1:  # per-iteration numbers: the RIGSA paper's Figure 2
+            row = {"phase": phase.name, "trainable_params": count_trainable(model), **sparse_stats(method)}
+            if cfg.eval.target:
+                adapted = test_accuracy()
+                row["accuracy"] = adapted["accuracy"]
+            iterations.append(row)
+            if result.losses:  # a phase replayed whole from its checkpoint logged this row before
+                tracker.log({f"imp/{key}": value for key, value in row.items() if key != "phase"}, offset)
+        if phase.prune is not None:
+            stats = method.prune(phase.prune)
+            log.info("pruned (iteration %d): %s", phase.prune.iteration, stats)
+            if number + 1 == len(schedule):
+                adapted = None  # pruned after the last evaluation: evaluate again below
+    final_trainable = count_trainable(model)
+    if cfg.eval.target and adapted is None:
+        adapted = test_accuracy()
+    if iterations:
+        print(iteration_table(iterations, base))
 
     adapter_dir = run_dir / "adapter"
     method.save(adapter_dir)
     results = {
         "method": method.name, "model": cfg.model.name, "task": cfg.task.name, "seed": cfg.seed,
-        "trainable_params": trainable_params, "total_params": total_params,
+        "trainable_params": final_trainable, "initial_trainable_params": trainable_params, "total_params": total_params,
         "target": {"base_accuracy": base and base["accuracy"], "accuracy": adapted and adapted["accuracy"],
                    "test_size": len(data.test), "base_answer_counts": base and base["answer_counts"],
                    "answer_counts": adapted and adapted["answer_counts"]},
-        "train": {"steps": result.steps, "seconds": result.seconds, "tokens": result.tokens,
-                  "tokens_per_second": result.tokens_per_second, "final_loss": result.final_loss,
+        "train": {"steps": offset, "seconds": seconds, "tokens": tokens,
+                  "tokens_per_second": tokens / seconds if seconds else 0.0, "final_loss": result.final_loss,
                   "resumed_from_step": result.resumed_from},
+        "pruning": cfg.pruning.name, "sparse": sparse_stats(method) or None, "iterations": iterations,
         "peak_memory_bytes": peak_memory_bytes(device),
         "base_fingerprint": base_fingerprint,
         "run_dir": str(run_dir),
@@ -148,7 +200,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     tracker.finish(results, adapter_dir, cfg.logger.log_adapter)
     if adapted is not None:
         print(f"{method.name} on {cfg.task.name}: test accuracy {base['accuracy']:.4f} (base) -> "
-              f"{adapted['accuracy']:.4f} (adapted) on {len(data.test)} digits; trained {result.steps} steps "
-              f"in {result.seconds / 60:.1f} min ({result.tokens_per_second:.0f} tokens/s)")
+              f"{adapted['accuracy']:.4f} (adapted) on {len(data.test)} digits; trained {offset} steps "
+              f"in {seconds / 60:.1f} min ({results['train']['tokens_per_second']:.0f} tokens/s)")
     print(f"results: {run_dir / 'results.json'}")
     return results

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rigsa.evaluate import answer_logits, autocast, target_accuracy
+from rigsa.evaluate import answer_loss, autocast, target_accuracy
 
 log = logging.getLogger(__name__)
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -102,10 +102,16 @@ def load_checkpoint(path: Path, named: dict[str, nn.Parameter], optimizer, sched
 
 def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg: DictConfig, *, seed: int,
           device: torch.device, dtype: str, checkpoint_path: Path, log_metrics: Callable[[dict, int], None],
-          eval_batch_size: int = 16) -> TrainResult:
-    """Train `parameters` (name -> tensor) on data.train; checkpoint to `checkpoint_path`; resume from it."""
-    steps = total_steps(train_cfg, len(data.train))
-    optimizer = torch.optim.AdamW(list(parameters.values()), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+          eval_batch_size: int = 16, steps: int | None = None, step_offset: int = 0,
+          param_groups: list[dict] | None = None, desc: str = "train") -> TrainResult:
+    """Train `parameters` (name -> tensor) on data.train; checkpoint to `checkpoint_path`; resume from it.
+
+    `steps` defaults to the train config's budget; `step_offset` numbers the steps of a later
+    phase after the earlier ones (logging and data order continue); `param_groups` lets a method
+    set per-group options such as weight decay."""
+    steps = total_steps(train_cfg, len(data.train)) if steps is None else steps
+    groups = param_groups or [{"params": list(parameters.values()), "weight_decay": train_cfg.weight_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr)
     scheduler = get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer,
                               num_warmup_steps=min(train_cfg.warmup_steps, steps), num_training_steps=steps)
     start, tokens_before, seconds_before = 0, 0, 0.0
@@ -116,16 +122,16 @@ def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg
     model.train()
     tokens, loss_value, losses = tokens_before, float("nan"), []
     clock = time.perf_counter()
-    progress = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0)
     for step in range(start, steps):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(train_cfg.grad_accum):
-            indices = micro_batch_indices(len(data.train), train_cfg.batch_size, seed, step * train_cfg.grad_accum + micro)
+            micro_step = (step_offset + step) * train_cfg.grad_accum + micro
+            indices = micro_batch_indices(len(data.train), train_cfg.batch_size, seed, micro_step)
             batch = {key: value.to(device) for key, value in data.train.batch(indices).items()}
             with autocast(device, dtype):
-                logits = answer_logits(model, batch)
-            loss = nn.functional.cross_entropy(logits, batch["labels"]) / train_cfg.grad_accum
+                loss = answer_loss(model, batch) / train_cfg.grad_accum
             loss.backward()
             step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
@@ -143,13 +149,14 @@ def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg
             val = target_accuracy(model, data.val, data.answer_token_ids, eval_batch_size, device, dtype)
             metrics["val/accuracy"] = val["accuracy"]
             model.train()
-        log_metrics(metrics, done)
+        log_metrics(metrics, step_offset + done)
         progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{metrics['train/lr']:.2e}",
                              tok_s=f"{metrics['train/tokens_per_second']:.0f}", refresh=False)
         progress.update(1)
         if (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == steps:
             save_checkpoint(checkpoint_path, done, parameters, optimizer, scheduler,
-                            {"tokens": tokens, "seconds": seconds_before + time.perf_counter() - clock})
+                            {"tokens": tokens, "seconds": seconds_before + time.perf_counter() - clock,
+                             "global_step": step_offset + done})
     progress.close()
     seconds = seconds_before + time.perf_counter() - clock
     return TrainResult(steps=steps, seconds=seconds, tokens=tokens, final_loss=loss_value, resumed_from=start,

@@ -17,9 +17,12 @@ from torch import nn
 
 @dataclass
 class PruneStep:
-    """One step of a pruning schedule (used by RIGSA's iterative magnitude pruning)."""
-    iteration: int
-    keep_fraction: float
+    """One step of a pruning schedule (RIGSA's iterative magnitude pruning; see conf/pruning/imp.yaml)."""
+    iteration: int  # 1 for the first prune
+    keep_fraction: float  # fraction of the live entries kept
+    sign_constraint: bool = False  # keep only entries whose sign equals their initial sign
+    pruned_value: str = "zero"  # zero: removed (truly sparse); init: reset to the initial value and frozen
+    rewind: bool = False  # kept values (and gates) back to their initial values before retraining
 
 
 class Method(Protocol):

@@ -1,0 +1,1 @@
+"""The sparse-delta engine, selection rules, targets and budgets, and sparse adapters on disk."""

@@ -1,0 +1,177 @@
+"""The sparse-delta engine: a frozen linear layer plus m trainable values at m flat positions.
+
+The delta lives merged in the layer's weight, W[idx] = base[idx] + gate * values, rewritten from
+the m stored base values before every forward (O(m), and exact: base + delta is recomputed from
+the untouched base values, never added and subtracted). The forward is then the frozen layer's
+own matmul. A custom autograd function returns the input gradient (grad_out @ W, as the frozen
+model needs anyway) and the gradient of the values only at their indices,
+
+    d values[k] = gate * sum_t grad_out[t, row_k] * x[t, col_k],
+
+computed over token chunks so its extra memory stays bounded: by gathering the needed columns
+when m is small, and with torch.sparse.sampled_addmm over a CSR pattern of the indices otherwise.
+No dense weight gradient is ever built, and no full-size tensor is kept between steps.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# Extra memory allowed for one chunk of the value gradient, in elements (~64 MB of float32).
+CHUNK_ELEMENTS = 1 << 24
+# Below this many values per token-row gathers are cheaper than a sampled matmul (measured here).
+GATHER_MAX_VALUES = 4096
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def value_gradient(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                   pattern: torch.Tensor | None) -> torch.Tensor:
+    """sum_t grad_out[t, rows[k]] * x[t, cols[k]] for every k, in float32, over token chunks.
+
+    grad_out: [T, out], x: [T, in]; `pattern` is a CSR tensor [out, in] of the (sorted) indices,
+    used by the sampled-matmul path."""
+    tokens, m = x.shape[0], rows.numel()
+    result = torch.zeros(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return result
+    if pattern is None or m <= GATHER_MAX_VALUES:
+        chunk = max(1, CHUNK_ELEMENTS // (2 * m))
+        for start in range(0, tokens, chunk):
+            g = grad_out[start:start + chunk].float().index_select(1, rows)
+            v = x[start:start + chunk].float().index_select(1, cols)
+            result += (g * v).sum(0)
+        return result
+    chunk = max(1, CHUNK_ELEMENTS // (grad_out.shape[1] + x.shape[1]))
+    for start in range(0, tokens, chunk):
+        g_t = grad_out[start:start + chunk].float().t()  # [out, t]
+        v = x[start:start + chunk].float()  # [t, in]
+        result += torch.sparse.sampled_addmm(pattern, g_t, v, beta=0.0).values()
+    return result
+
+
+class _SparseDeltaLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, gate, weight, bias, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x, gate)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            ctx.weight = weight.to(dtype)
+            out = F.linear(x.to(dtype), ctx.weight, None if bias is None else bias.to(dtype))
+        else:
+            ctx.weight = weight
+            out = F.linear(x, weight, bias)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = grad_values = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out.to(ctx.weight.dtype) @ ctx.weight).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+            flat_x = x.reshape(-1, x.shape[-1]).to(flat_grad.dtype)
+            raw = value_gradient(flat_grad, flat_x, layer.rows, layer.cols, layer.pattern)
+            if ctx.needs_input_grad[1]:
+                grad_values = raw * gate.float()
+            if ctx.needs_input_grad[2]:
+                grad_gate = (raw * layer.values.detach().float()).sum().reshape(gate.shape)
+        ctx.weight = None
+        return grad_x, grad_values, grad_gate, None, None, None
+
+
+class SparseDeltaLinear(nn.Module):
+    """A frozen nn.Linear with a sparse trainable delta: flat `indices` into the weight and `values`.
+
+    `gate` (optional, RIGSA) scales the delta: W = W0 + gate * delta. The base layer's weight
+    tensor is reused (merged in place), so the module adds only O(m) memory."""
+
+    def __init__(self, base: nn.Linear, indices: torch.Tensor, values: torch.Tensor | None = None,
+                 gate: float | torch.Tensor | nn.Parameter | None = None, train_gate: bool = False,
+                 init_values: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        indices, order = torch.sort(indices.to(torch.int64).reshape(-1).to(self.weight.device))
+        if indices.numel() and (indices[0] < 0 or indices[-1] >= self.weight.numel()
+                                or (indices[1:] == indices[:-1]).any()):
+            raise ValueError(f"indices must be unique flat positions in [0, {self.weight.numel()})")
+        self.register_buffer("indices", indices.to(index_dtype(self.weight.numel())))
+        self.register_buffer("base_values", self.weight.detach().reshape(-1)[indices].clone())
+        if values is None:
+            values = torch.zeros(indices.numel(), dtype=torch.float32)
+        if values.numel() != indices.numel():
+            raise ValueError(f"{values.numel()} values for {indices.numel()} indices")
+        values = values.detach().reshape(-1).to(self.weight.device)[order]  # follow the sorted indices
+        self.values = nn.Parameter(values.to(torch.float32, copy=True))
+        if isinstance(gate, nn.Parameter):  # shared with other layers (RIGSA's global gate)
+            self.gate = gate
+        else:
+            gate_tensor = torch.as_tensor(1.0 if gate is None else gate, dtype=torch.float32).reshape(())
+            self.gate = nn.Parameter(gate_tensor.clone().to(self.weight.device), requires_grad=train_gate)
+        # RIGSA keeps the values' initial state for its sign constraint and rewinding.
+        self.register_buffer("init_values", None if init_values is None
+                             else init_values.detach().float().reshape(-1).to(self.weight.device)[order].clone())
+        self.merged = False
+        self._build_pattern()
+
+    def _build_pattern(self) -> None:
+        flat = self.indices.to(torch.int64)
+        self.rows, self.cols = flat // self.in_features, flat % self.in_features
+        self.pattern = None
+        if flat.numel() > GATHER_MAX_VALUES:
+            counts = torch.bincount(self.rows, minlength=self.out_features)
+            crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=flat.device)
+            crow[1:] = torch.cumsum(counts, 0)
+            self.pattern = torch.sparse_csr_tensor(crow, self.cols, torch.ones(flat.numel(), device=flat.device),
+                                                   size=(self.out_features, self.in_features))
+
+    def delta(self) -> torch.Tensor:
+        return (self.gate.detach() * self.values.detach()).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W[idx] = base[idx] + gate * values (exact: recomputed from the stored base values)."""
+        self.weight.view(-1)[self.indices.long()] = self.base_values + self.delta()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W[idx] = base[idx]: the base weights, bit for bit."""
+        self.weight.view(-1)[self.indices.long()] = self.base_values
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.merge()
+        if not (self.values.requires_grad or self.gate.requires_grad) or not torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        return _SparseDeltaLinear.apply(x, self.values, self.gate, self.weight, self.bias, self)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, m={self.indices.numel()}, "
+                f"density={self.indices.numel() / self.weight.numel():.4%}")
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, SparseDeltaLinear)}
+
+
+def unmerge_all(model: nn.Module) -> None:
+    for layer in sparse_layers(model).values():
+        layer.unmerge()
+
+
+def merge_all(model: nn.Module) -> None:
+    for layer in sparse_layers(model).values():
+        layer.merge()

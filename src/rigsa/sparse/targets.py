@@ -1,0 +1,78 @@
+"""Which layers a sparse method adapts, and how many values its budget buys.
+
+Budgets (exactly one of): `density` (fraction of the target weights), `params` (a count),
+`match: lora` (the exact count LoRA with `r` on `target_modules` trains: r * (in + out) per
+layer), or `from_run` (a run directory whose results.json gives `trainable_params`; the RIGSA
+paper's random-mask baseline uses the final RIGSA budget this way).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from torch import nn
+
+# SpaRTA's default (seed 001): attention value and output projections.
+PRESETS = {
+    "sparta": ["v_proj", "o_proj"],
+    "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def expand(target_modules) -> list[str]:
+    names = []
+    for entry in target_modules:
+        names += PRESETS.get(entry, [entry])
+    return names
+
+
+def find_targets(model: nn.Module, target_modules) -> dict[str, nn.Linear]:
+    """Linear layers (never the output head or embeddings) whose last name part equals a target,
+    or whose full name matches a target used as a regex."""
+    patterns = expand(target_modules)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = {}
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or module is head:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if any(leaf == pattern or re.fullmatch(pattern, name) for pattern in patterns):
+            found[name] = module
+    if not found:
+        raise ValueError(f"target_modules={list(target_modules)} matched no linear layer: use names like "
+                         f"{PRESETS['all-linear']} or the preset 'all-linear'")
+    return found
+
+
+def lora_count(model: nn.Module, r: int, target_modules) -> int:
+    """The number of values LoRA with rank r trains on these targets: r * (in + out) per layer."""
+    return sum(r * (layer.in_features + layer.out_features) for layer in find_targets(model, target_modules).values())
+
+
+def resolve_budget(budget, model: nn.Module, targets: dict[str, nn.Linear]) -> int:
+    """The number of trainable values a budget config buys on `targets`."""
+    chosen = [key for key in ("density", "params", "match", "from_run") if budget.get(key) not in (None, "", 0)]
+    if len(chosen) != 1:
+        raise ValueError(f"method.budget sets {chosen or 'nothing'}: set exactly one of density, params, match, from_run "
+                         "(e.g. method.budget.density=0.005)")
+    total = sum(layer.weight.numel() for layer in targets.values())
+    key = chosen[0]
+    if key == "density":
+        if not 0 < budget.density <= 1:
+            raise ValueError(f"method.budget.density={budget.density}: expected 0 < density <= 1")
+        return round(budget.density * total)
+    if key == "params":
+        count = int(budget.params)
+    elif key == "match":
+        if budget.match != "lora":
+            raise ValueError(f"method.budget.match={budget.match!r}: only 'lora' can be matched")
+        count = lora_count(model, budget.r, budget.target_modules or ["all-linear"])
+    else:
+        results = Path(budget.from_run) / "results.json"
+        if not results.exists():
+            raise ValueError(f"method.budget.from_run={budget.from_run!r}: no results.json there; point it at a finished run")
+        count = int(json.loads(results.read_text())["sparse"]["values"])
+    if not 0 < count <= total:
+        raise ValueError(f"a budget of {count} values does not fit the {total} target weights")
+    return count

@@ -1,0 +1,116 @@
+"""The sparse-delta engine against a float64 dense reference; exact merge/unmerge; O(m) state."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rigsa.sparse import engine
+from rigsa.sparse.engine import SparseDeltaLinear
+
+
+def reference(base_weight, bias, indices, values, gate, x, upstream):
+    """Dense float64 W_eff = W + scatter(gate * values); returns out, d values, d x, d gate."""
+    weight = base_weight.double().clone().reshape(-1)
+    values64 = values.detach().double().clone().requires_grad_(True)
+    gate64 = torch.tensor(float(gate), dtype=torch.float64, requires_grad=True)
+    delta = torch.zeros_like(weight).index_put((indices.long(),), gate64 * values64)
+    x64 = x.detach().double().clone().requires_grad_(True)
+    bias = None if bias is None else bias.detach().double()
+    out = nn.functional.linear(x64, (weight + delta).reshape(base_weight.shape), bias)
+    (out * upstream.double()).sum().backward()
+    return out, values64.grad, x64.grad, gate64.grad
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+CASES = [  # (in, out, density, bias, batch shape, force sampled-matmul path)
+    (32, 48, 0.05, True, (3, 7), False),
+    (64, 16, 0.5, False, (5,), False),
+    (96, 80, 0.9, True, (2, 4, 3), True),
+    (128, 64, 0.02, False, (4, 9), True),
+    (40, 24, 1.0, True, (6,), False),
+]
+
+
+@pytest.mark.parametrize("in_f,out_f,density,bias,batch,sampled", CASES)
+def test_gradients_match_a_float64_dense_reference(in_f, out_f, density, bias, batch, sampled, monkeypatch):
+    if sampled:
+        monkeypatch.setattr(engine, "GATHER_MAX_VALUES", 0)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 64)  # several token chunks even for these small shapes
+    torch.manual_seed(in_f + out_f)
+    base = nn.Linear(in_f, out_f, bias=bias)
+    base_weight = base.weight.detach().clone()  # the layer merges its delta into this tensor in place
+    m = max(1, int(density * in_f * out_f))
+    indices = torch.randperm(in_f * out_f)[:m]
+    values = torch.randn(m) * 0.1
+    layer = SparseDeltaLinear(base, indices, values, gate=0.7, train_gate=True)
+    assert (layer.pattern is not None) == sampled
+    x = torch.randn(*batch, in_f, requires_grad=True)
+    upstream = torch.randn(*batch, out_f)
+    out = layer(x)
+    (out * upstream).sum().backward()
+    ref_out, ref_values, ref_x, ref_gate = reference(base_weight, base.bias, layer.indices, layer.values, 0.7,
+                                                            x, upstream)
+    assert relative_error(out, ref_out) < 1e-5
+    assert relative_error(layer.values.grad, ref_values) < 1e-5
+    assert relative_error(x.grad, ref_x) < 1e-5
+    assert relative_error(layer.gate.grad, ref_gate) < 1e-5
+    assert layer.weight.grad is None  # no dense weight gradient exists
+
+
+def test_unsorted_indices_keep_their_values():
+    base = nn.Linear(4, 3, bias=False)
+    layer = SparseDeltaLinear(base, torch.tensor([7, 2, 5]), torch.tensor([70.0, 20.0, 50.0]))
+    assert layer.indices.tolist() == [2, 5, 7] and layer.values.tolist() == [20.0, 50.0, 70.0]
+    with pytest.raises(ValueError, match="unique flat positions"):
+        SparseDeltaLinear(nn.Linear(4, 3), torch.tensor([1, 1]))
+
+
+def test_merge_then_unmerge_restores_the_weights_bit_for_bit():
+    torch.manual_seed(0)
+    base = nn.Linear(257, 129)
+    original = base.weight.detach().clone()
+    layer = SparseDeltaLinear(base, torch.randperm(257 * 129)[:3000])
+    optimizer = torch.optim.AdamW([layer.values], lr=1e-2)
+    for _ in range(20):  # merged forward + optimizer steps, as in training
+        layer(torch.randn(8, 257)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    layer.merge()
+    assert not torch.equal(layer.weight, original)
+    outside = torch.ones(original.numel(), dtype=torch.bool)
+    outside[layer.indices.long()] = False
+    assert torch.equal(layer.weight.reshape(-1)[outside], original.reshape(-1)[outside])
+    layer.unmerge()
+    assert torch.equal(layer.weight, original)
+
+
+def test_state_is_order_m_and_int32_indices():
+    base = nn.Linear(512, 512, bias=False)
+    layer = SparseDeltaLinear(base, torch.randperm(512 * 512)[:1311])
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    assert [p.numel() for p in trainable] == [1311]
+    assert layer.indices.dtype == torch.int32
+    buffers = {name: b.numel() for name, b in layer.named_buffers()}
+    assert buffers == {"indices": 1311, "base_values": 1311}
+    # adapter (4 B index + 4 B value) + gradient (4 B) + AdamW moments (8 B) = 20 B per value (+ base copy 4 B)
+    per_value = (layer.indices.element_size() + layer.values.element_size() * 4 + layer.base_values.element_size())
+    assert per_value <= 24
+
+
+def test_bf16_autocast_gradients_stay_close_to_float32():
+    torch.manual_seed(1)
+    base = nn.Linear(64, 32)
+    layer = SparseDeltaLinear(base, torch.randperm(64 * 32)[:200], torch.randn(200) * 0.1)
+    x = torch.randn(16, 64)
+    layer(x).pow(2).sum().backward()
+    exact = layer.values.grad.clone()
+    layer.values.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    assert relative_error(layer.values.grad, exact) < 3e-2

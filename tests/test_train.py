@@ -64,3 +64,25 @@ def test_interrupted_run_resumes_to_a_bit_identical_adapter(tiny_cfg, tmp_path, 
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the line logged after the checkpoint was dropped, then logged again
     assert reference["train"]["final_loss"] == resumed["train"]["final_loss"]
+
+
+def test_rigsa_run_interrupted_between_prunes_resumes_to_the_same_adapter(tiny_cfg, tmp_path, monkeypatch):
+    overrides = ("eval=none", "method=rigsa", "pruning=imp", "pruning.iterations=2", "pruning.steps_per_iteration=3",
+                 "pruning.final_retrain_steps=2", "train.checkpoint_every=1")
+    run(tiny_cfg(*overrides), tmp_path / "reference")
+    original_log = tracking.Tracker.log
+
+    def crash_in_second_iteration(self, metrics, step):
+        original_log(self, metrics, step)
+        if step == 5 and "train/loss" in metrics:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(tracking.Tracker, "log", crash_in_second_iteration)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_cfg(*overrides), tmp_path / "resumed")
+    monkeypatch.setattr(tracking.Tracker, "log", original_log)
+    resumed = run(tiny_cfg(*overrides), tmp_path / "resumed")
+    a = load_file(str(tmp_path / "reference" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert resumed["train"]["steps"] == 8 and resumed["sparse"]["density"] == pytest.approx(0.25)

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from rigsa.assets import ASSETS, AssetError, fetch_all
 from rigsa.config import ConfigError
+from rigsa.forgetting import HubUnreachable
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -18,7 +19,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, AssetError) as error:
+    except (ConfigError, AssetError, HubUnreachable) as error:
         print(f"rigsa-run: error: {error}", file=sys.stderr)
         sys.exit(2)
 
@@ -74,3 +75,9 @@ def assets_main(argv: list[str] | None = None) -> int:
 
 def assets_entry() -> None:
     sys.exit(assets_main())
+
+
+def apply_entry() -> None:
+    from rigsa.apply import main
+
+    sys.exit(main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -127,10 +127,21 @@ class ImpPruningConfig(PruningConfig):
 
 
 @dataclass
+class ForgettingTaskConfig:
+    task: str = MISSING
+    num_fewshot: Optional[int] = None
+    limit: Optional[float] = None
+    data_files: Optional[Dict[str, str]] = None
+
+
+@dataclass
 class EvalConfig:
     name: str = MISSING
     target: bool = True
     batch_size: int = 16
+    forgetting: List[ForgettingTaskConfig] = field(default_factory=list)
+    lm_eval_batch_size: int = 8
+    apply_chat_template: bool = False
 
 
 @dataclass
@@ -320,3 +331,11 @@ def validate(cfg: DictConfig) -> None:
         _fail("logger.mode", cfg.logger.mode, "one of ['auto', 'online', 'offline', 'disabled']",
               "pass logger.mode=offline")
     _positive(cfg, "eval.batch_size")
+    _positive(cfg, "eval.lm_eval_batch_size")
+    for number, task in enumerate(cfg.eval.forgetting):
+        if task.limit is not None and task.limit <= 0:
+            _fail(f"eval.forgetting[{number}].limit", task.limit, "null (all) or > 0", "pass a positive limit")
+        for split, path in (task.data_files or {}).items():
+            if not os.path.exists(os.path.expanduser(path)):
+                _fail(f"eval.forgetting[{number}].data_files.{split}", path, "an existing JSON/JSONL file",
+                      "point data_files at local files with the task's fields")

@@ -12,12 +12,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rigsa import models
+from rigsa import forgetting, models
 from rigsa.config import ConfigError, validate
 from rigsa.evaluate import cached, target_accuracy
 from rigsa.methods import trainable_named
 from rigsa.tasks import build_task
 from rigsa.tracking import Tracker
+from rigsa.sparse.engine import merge_all, unmerge_all
 from rigsa.sparse.schedule import phases
 from rigsa.train import micro_batch_indices, train
 
@@ -96,6 +97,12 @@ def calibration_batches(data, cfg: DictConfig, device: torch.device):
         yield {key: value.to(device) for key, value in data.train.batch(indices).items()}
 
 
+def summarize(suite: dict) -> str:
+    return ", ".join(f"{task} {metric}={value:.4f}" for task, scores in suite.items()
+                     for metric, value in scores["metrics"].items() if metric.split(",")[0] in ("acc", "acc_norm",
+                     "exact_match", "bits_per_byte"))
+
+
 def iteration_table(rows: list[dict], base: dict | None) -> str:
     lines = [f"{'phase':<16}{'density':>10}{'trainable':>14}{'accuracy':>10}"]
     if base is not None:
@@ -115,6 +122,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     validate(cfg)  # before anything heavy: a bad value costs a second, not a model load
+    forgetting.check_hub(cfg.eval)  # eval=paper without the hub stops here, not after training
     run_dir = Path(run_dir)
     state = prepare_run_dir(cfg, run_dir)
     if state == "complete":
@@ -142,6 +150,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                            lambda: target_accuracy(model, data.test, data.answer_token_ids, cfg.eval.batch_size,
                                                    device, cfg.dtype))
         print(f"base model: test accuracy {base['accuracy']:.4f} on {base['n']} digits "
+              f"({'cached' if hit else f'{time.perf_counter() - started:.0f} s'})")
+
+    base_suite = None
+    if cfg.eval.forgetting:
+        started = time.perf_counter()
+        base_suite, hit = forgetting.base_scores(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed, base_fingerprint)
+        print(f"base model, eval={cfg.eval.name}: {summarize(base_suite)} "
               f"({'cached' if hit else f'{time.perf_counter() - started:.0f} s'})")
 
     method = instantiate(cfg.method, _convert_="all")
@@ -180,6 +195,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         adapted = test_accuracy()
     if iterations:
         print(iteration_table(iterations, base))
+    forgetting_results = None
+    if base_suite is not None:
+        started = time.perf_counter()
+        merge_all(model)  # sparse deltas merged into the weights for lm-eval, unmerged exactly after
+        adapted_suite = forgetting.evaluate_suite(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed)
+        unmerge_all(model)
+        forgetting_results = {**forgetting.forgetting_block(base_suite, adapted_suite),
+                              "seconds": time.perf_counter() - started}
+        print(f"adapted model, eval={cfg.eval.name}: {summarize(adapted_suite)}; mean forgetting "
+              f"{forgetting_results['mean_forgetting']:+.4f}, collapsed {forgetting_results['collapsed']}")
 
     adapter_dir = run_dir / "adapter"
     method.save(adapter_dir)
@@ -193,6 +218,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                   "tokens_per_second": tokens / seconds if seconds else 0.0, "final_loss": result.final_loss,
                   "resumed_from_step": result.resumed_from},
         "pruning": cfg.pruning.name, "sparse": sparse_stats(method) or None, "iterations": iterations,
+        "forgetting": forgetting_results,
         "peak_memory_bytes": peak_memory_bytes(device),
         "base_fingerprint": base_fingerprint,
         "run_dir": str(run_dir),

@@ -92,6 +92,11 @@ class Tracker:
         for key, value in flatten(results).items():
             if isinstance(value, (int, float, str, bool)) or value is None:
                 self.wandb_run.summary[key] = value
+        if results.get("forgetting"):
+            columns = ["task", "metric", "base", "adapted", "forgetting", "forget_ratio", "collapsed"]
+            rows = [[task, metric, row["base"], row["adapted"], row["forgetting"], row["forget_ratio"], row["collapsed"]]
+                    for task, metrics in results["forgetting"]["tasks"].items() for metric, row in metrics.items()]
+            self.wandb_run.log({"forgetting": wandb.Table(columns=columns, data=rows)})
         if log_adapter and adapter_dir is not None and adapter_dir.exists():
             artifact = wandb.Artifact(f"adapter-{self.wandb_run.id}", type="adapter")
             artifact.add_dir(str(adapter_dir))

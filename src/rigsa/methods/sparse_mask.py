@@ -16,7 +16,7 @@ from rigsa.methods import PruneStep, freeze, trainable_named
 from rigsa.sparse import adapter as sparse_adapter
 from rigsa.sparse.engine import SparseDeltaLinear, sparse_layers
 from rigsa.sparse.selection import NEEDS_GRADIENT, select
-from rigsa.sparse.targets import find_targets, resolve_budget
+from rigsa.sparse.targets import find_targets, lora_layer_counts, resolve_budget
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -69,20 +69,22 @@ class SparseMask:
         self.target_numel = 0
 
     def attach(self, model: nn.Module, calib=None) -> nn.Module:
+        from omegaconf import OmegaConf
+
         from rigsa.evaluate import answer_loss
 
         freeze(model)
         targets = find_targets(model, self.target_modules)
-        from omegaconf import OmegaConf
-
-        total = resolve_budget(OmegaConf.create(self.budget), model, targets)
+        budget = OmegaConf.create(self.budget)
+        total = resolve_budget(budget, model, targets)
+        counts = lora_layer_counts(model, budget, targets) if self.scope == "per_tensor" and not self.block_size else None
         grads = None
         if self.selection in NEEDS_GRADIENT:
             batches = [] if calib is None else [batch for _, batch in zip(range(self.calib_batches), calib)]
             grads = calibration_gradients(model, targets, batches, answer_loss)
         weights = {name: layer.weight for name, layer in targets.items()}
         indices = select(self.selection, weights, total, grads=grads, scope=self.scope, block_size=self.block_size,
-                         eps=self.eps, seed=self.seed)
+                         eps=self.eps, seed=self.seed, counts=counts)
         for name, layer in targets.items():
             replace_module(model, name, SparseDeltaLinear(layer, indices[name]))
         self.target_numel = sum(layer.weight.numel() for layer in targets.values())

@@ -77,13 +77,20 @@ def random_indices(numel: int, keep_probability: float, generator: torch.Generat
 
 
 def select(rule: str, weights: dict[str, torch.Tensor], total: int, *, grads: dict[str, torch.Tensor] | None = None,
-           scope: str = "per_tensor", block_size: int = 0, eps: float = 1e-8, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Flat indices per target for a budget of `total` values (random: `total` in expectation)."""
+           scope: str = "per_tensor", block_size: int = 0, eps: float = 1e-8, seed: int = 0,
+           counts: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Flat indices per target for a budget of `total` values (random: `total` in expectation).
+
+    `counts` fixes the per-tensor split (a budget matched to LoRA gives each layer r * (in + out));
+    otherwise per-tensor budgets are proportional to size."""
     sizes = {name: weight.numel() for name, weight in weights.items()}
+    if counts is not None and sum(counts.values()) != total:
+        raise ValueError(f"per-tensor counts add up to {sum(counts.values())}, not the budget {total}")
     if rule == "random":
         generator = torch.Generator().manual_seed(seed)
-        probability = total / sum(sizes.values())
-        return {name: random_indices(size, probability, generator) for name, size in sizes.items()}
+        probability = {name: (counts[name] if counts else total * size / sum(sizes.values())) / size
+                       for name, size in sizes.items()}
+        return {name: random_indices(size, probability[name], generator) for name, size in sizes.items()}
     scores = {name: score(rule, weights[name], (grads or {}).get(name), eps) for name in weights}
     if scope == "global":
         if block_size:
@@ -100,5 +107,5 @@ def select(rule: str, weights: dict[str, torch.Tensor], total: int, *, grads: di
         area = block_size * block_size
         tiles = split_budget(total // area, {name: size // area for name, size in sizes.items()})
         return {name: block_top_k(scores[name], tiles[name] * area, block_size) for name in scores}
-    counts = split_budget(total, sizes)
+    counts = counts or split_budget(total, sizes)
     return {name: top_k(scores[name], counts[name]) for name in scores}

@@ -50,6 +50,17 @@ def lora_count(model: nn.Module, r: int, target_modules) -> int:
     return sum(r * (layer.in_features + layer.out_features) for layer in find_targets(model, target_modules).values())
 
 
+def lora_layer_counts(model: nn.Module, budget, targets: dict[str, nn.Linear]) -> dict[str, int] | None:
+    """With budget.match=lora on the same layers LoRA would adapt: each layer gets LoRA's own count,
+    r * (in + out) (also what PEFT's SHiRA format requires). None otherwise (split by size)."""
+    if budget.get("match") != "lora":
+        return None
+    lora_targets = find_targets(model, budget.target_modules or ["all-linear"])
+    if set(lora_targets) != set(targets):
+        return None
+    return {name: budget.r * (layer.in_features + layer.out_features) for name, layer in targets.items()}
+
+
 def resolve_budget(budget, model: nn.Module, targets: dict[str, nn.Linear]) -> int:
     """The number of trainable values a budget config buys on `targets`."""
     chosen = [key for key in ("density", "params", "match", "from_run") if budget.get(key) not in (None, "", 0)]

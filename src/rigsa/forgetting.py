@@ -1,0 +1,184 @@
+"""Forgetting through lm-eval, on the in-memory model: base (cached on disk) versus adapted.
+
+A suite is a list of lm-eval tasks. Built-in tasks (piqa, hellaswag, gsm8k) load their data from
+the Hugging Face hub; `data_files` points one at local JSON files instead, through an `include:`
+of the built-in YAML, so the fixtures and the hub data run the same task code. rigsa's own
+offline tasks (GSM8K from a packaged file) ship as YAML templates in `rigsa/lm_eval_tasks/` and
+are rendered next to their data under $RIGSA_CACHE; lm-eval finds both through
+`TaskManager(include_path=...)`.
+
+Forgetting is signed so that a positive number means the model got worse, whatever the metric's
+direction (lm-eval's `higher_is_better`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from rigsa import assets
+from rigsa.evaluate import autocast, cached
+
+log = logging.getLogger(__name__)
+TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
+GSM8K_FEWSHOT_ROWS = 50  # the first 50 GSM8K test questions are few-shot exemplars only, never evaluated
+COLLAPSE_BELOW = 0.01
+# The suite averages use these (on comparable 0-1 / bits scales); perplexities stay per task only.
+PRIMARY_METRICS = ("acc", "acc_norm", "exact_match", "bits_per_byte")  # "collapsed": a higher-is-better score at or below this where the base was above it
+
+
+class HubUnreachable(RuntimeError):
+    """The suite needs the Hugging Face hub and it cannot be reached."""
+
+
+def needs_hub(suite: DictConfig) -> list[str]:
+    """Built-in lm-eval tasks in the suite that would download their data from the hub."""
+    local = {path.stem for path in TEMPLATES.glob("*.yaml")}
+    return [task.task for task in suite.forgetting if task.task not in local and not task.get("data_files")]
+
+
+def check_hub(suite: DictConfig, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when the suite needs a hub that is unreachable."""
+    tasks = needs_hub(suite)
+    if not tasks:
+        return
+    reason = None
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        reason = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+    else:
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError as error:
+            reason = f"{host} is unreachable ({error.__class__.__name__})"
+    if reason:
+        raise HubUnreachable(f"eval={suite.name} runs lm-eval's {tasks}, whose data come from the Hugging Face hub, "
+                             f"but {reason}. Use eval=offline (packaged GSM8K data), or eval=target for the target "
+                             f"task only.")
+
+
+def _prepare_gsm8k(folder: Path) -> None:
+    """Split the packaged GSM8K test file: a fixed few-shot part and the evaluated rest."""
+    rows = assets.locate("gsm8k").read_text().splitlines()
+    (folder / "gsm8k_fewshot.jsonl").write_text("\n".join(rows[:GSM8K_FEWSHOT_ROWS]) + "\n")
+    (folder / "gsm8k_eval.jsonl").write_text("\n".join(rows[GSM8K_FEWSHOT_ROWS:]) + "\n")
+
+
+def task_folder(suite: DictConfig) -> Path:
+    """Render the shipped task templates and any local-data overrides into one include_path folder."""
+    digest = hashlib.sha256(json.dumps(OmegaConf.to_container(suite.forgetting, resolve=True), sort_keys=True)
+                            .encode()).hexdigest()[:12]
+    folder = assets.cache_root() / "lm_eval_tasks" / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    data_dir = assets.cache_root() / "lm_eval_data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / "gsm8k_eval.jsonl").exists():
+        _prepare_gsm8k(data_dir)
+    for template in TEMPLATES.glob("*.yaml"):
+        text = template.read_text().replace("__DATA_DIR__", str(data_dir))
+        (folder / template.name).write_text(text.replace("__LM_EVAL_GSM8K__", str(builtin_yaml("gsm8k"))))
+    for task in suite.forgetting:
+        if task.get("data_files"):
+            (folder / f"{local_name(task)}.yaml").write_text(json.dumps({
+                "include": str(builtin_yaml(task.task)), "task": local_name(task), "dataset_path": "json",
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": {split: str(Path(path).expanduser().resolve())
+                                                  for split, path in task.data_files.items()}}}, indent=2))
+    return folder
+
+
+def builtin_yaml(name: str) -> Path:
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    candidates = [root / name / f"{name}.yaml"] + sorted(root.glob(f"**/{name}.yaml"))
+    for path in candidates:
+        if path.exists():
+            return path
+    raise ValueError(f"lm-eval has no built-in task {name!r} to point at local data")
+
+
+def local_name(task) -> str:
+    return f"{task.task}_local" if task.get("data_files") else task.task
+
+
+def evaluate_suite(model: nn.Module, tokenizer, suite: DictConfig, device: torch.device, dtype: str,
+                   seed: int) -> dict[str, dict]:
+    """Run the suite on the in-memory model; return {task: {metric: value}} (stderr dropped)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_folder(suite)))
+    was_training = model.training
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=suite.lm_eval_batch_size, device=str(device))
+    scores: dict[str, dict] = {}
+    for task in suite.forgetting:  # one call per task: each has its own few-shot count and limit
+        with autocast(device, dtype), torch.no_grad():
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=[local_name(task)], num_fewshot=task.num_fewshot, limit=task.limit,
+                task_manager=manager, apply_chat_template=suite.apply_chat_template, random_seed=seed,
+                numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
+                bootstrap_iters=0)
+        name = local_name(task)
+        directions = output["higher_is_better"][name]
+        metrics = {key.removesuffix(",none"): value for key, value in output["results"][name].items()
+                   if key.split(",")[0] in directions and isinstance(value, (int, float))}  # no stderr, sample_len
+        scores[name] = {"metrics": metrics, "higher_is_better": directions,
+                        "version": output["versions"].get(name), "n": output["n-samples"][name]["effective"]}
+    model.train(was_training)
+    return scores
+
+
+def base_scores(model: nn.Module, tokenizer, suite: DictConfig, device, dtype: str, seed: int,
+                fingerprint: str) -> tuple[dict, bool]:
+    """The base model's suite scores, cached by model fingerprint, suite settings and lm-eval version."""
+    import lm_eval
+
+    key = {"model": fingerprint, "suite": OmegaConf.to_container(suite.forgetting, resolve=True),
+           "chat_template": suite.apply_chat_template, "dtype": dtype, "seed": seed,
+           "lm_eval": getattr(lm_eval, "__version__", "?"),
+           "templates": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in TEMPLATES.glob("*.yaml")}}
+    return cached("base_forgetting", key, lambda: evaluate_suite(model, tokenizer, suite, device, dtype, seed))
+
+
+def forgetting_block(base: dict, adapted: dict) -> dict:
+    """Per task and metric: base, adapted, forgetting (positive = worse), GaLLoP's forget ratio
+    max(0, (base - adapted) / base) in the metric's own direction, a collapse flag; plus averages
+    and the collapse count over the primary metrics (PRIMARY_METRICS)."""
+    per_task, forgets, ratios, collapses = {}, [], [], 0
+    for task, scores in base.items():
+        rows = {}
+        for metric, base_value in scores["metrics"].items():
+            adapted_value = adapted[task]["metrics"][metric]
+            higher = scores["higher_is_better"].get(metric.split(",")[0], True)
+            row = forget_row(base_value, adapted_value, higher)
+            rows[metric] = row
+            if metric.split(",")[0] not in PRIMARY_METRICS:
+                continue
+            forgets.append(row["forgetting"])
+            if row["forget_ratio"] is not None:
+                ratios.append(row["forget_ratio"])
+            collapses += row["collapsed"]
+        per_task[task] = rows
+    return {"tasks": per_task,
+            "mean_forgetting": sum(forgets) / len(forgets) if forgets else None,
+            "mean_forget_ratio": sum(ratios) / len(ratios) if ratios else None,
+            "collapsed": collapses}
+
+
+def forget_row(base: float, adapted: float, higher_is_better: bool) -> dict:
+    worse_by = (base - adapted) if higher_is_better else (adapted - base)
+    ratio = max(0.0, worse_by / abs(base)) if base else None
+    collapsed = bool(higher_is_better and base > COLLAPSE_BELOW and adapted <= COLLAPSE_BELOW)
+    return {"base": base, "adapted": adapted, "forgetting": worse_by, "forget_ratio": ratio,
+            "higher_is_better": higher_is_better, "collapsed": collapsed}

@@ -1,0 +1,105 @@
+"""Saved adapters: save -> load gives identical logits; another base is refused; SHiRA export matches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rigsa.apply import apply_adapter, main as apply_main
+from rigsa.config import compose
+from rigsa.models import load_model
+from rigsa.run import run
+from rigsa.sparse.adapter import AdapterMismatch, export_shira
+
+IDS = torch.tensor([[5, 17, 300, 42, 7, 9, 11, 2]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run per adapter kind; returns {method: (run dir, adapted logits)}."""
+    from conftest import TINY
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for method, extra in (("sparta", ["method.budget.density=0.05"]), ("rigsa", ["pruning=imp", "pruning.iterations=2",
+                          "pruning.steps_per_iteration=2", "pruning.final_retrain_steps=2"]),
+                          ("snip", ["method.budget.density=null", "method.budget.match=lora", "method.budget.r=2"]),
+                          ("lora", [])):
+        cfg = compose(TINY + [f"method={method}", "eval=none", "train.lr=1e-2", f"run.root={root}", *extra])
+        run(cfg, root / method)
+        out[method] = root / method
+    return out
+
+
+def reference_logits(run_dir):
+    """Logits of the adapted model as the run left it, rebuilt independently: base + merged adapter."""
+    model, _ = load_model(compose(["model=tiny"]).model, 0)
+    return logits(apply_adapter(model, run_dir / "adapter", merge=True))
+
+
+@pytest.mark.parametrize("method", ["sparta", "rigsa", "snip", "lora"])
+def test_save_then_load_gives_identical_logits_merged_or_not(trained, method):
+    base, _ = load_model(compose(["model=tiny"]).model, 0)
+    base_logits = logits(base)
+    merged = reference_logits(trained[method])
+    assert not torch.equal(merged, base_logits)  # the adapter does something
+    model, _ = load_model(compose(["model=tiny"]).model, 0)
+    unmerged = apply_adapter(model, trained[method] / "adapter", merge=False)
+    assert torch.allclose(logits(unmerged), merged, atol=1e-5, rtol=1e-5)
+    if method != "lora":
+        from rigsa.sparse.engine import sparse_layers
+
+        layers = sparse_layers(unmerged)
+        assert layers
+        for name, layer in layers.items():
+            layer.unmerge()
+            assert torch.equal(layer.weight, base.get_submodule(name).weight)  # the base weights exactly
+
+
+def test_a_different_base_model_is_refused(trained):
+    other, _ = load_model(compose(["model=tiny"]).model, seed=1)  # same shapes, other weights
+    with pytest.raises(AdapterMismatch, match="trained on a different base model"):
+        apply_adapter(other, trained["sparta"] / "adapter")
+    wider, _ = load_model(compose(["model=tiny", "model.num_layers=1"]).model, 0)
+    with pytest.raises(AdapterMismatch, match="does not exist in this model"):
+        apply_adapter(wider, trained["sparta"] / "adapter")
+
+
+def test_rigsa_adapter_is_sparse_after_pruning(trained):
+    import json
+
+    meta = json.loads((trained["rigsa"] / "adapter" / "adapter.json").read_text())
+    results = json.loads((trained["rigsa"] / "results.json").read_text())
+    assert meta["format"] == "rigsa-sparse-v1" and meta["density"] == pytest.approx(0.25)
+    assert results["sparse"]["values"] == meta["values"]
+    assert [row["phase"] for row in results["iterations"]] == ["iteration1", "iteration2", "final_retrain"]
+    assert [round(row["density"], 4) for row in results["iterations"]] == [1.0, 0.5, 0.25]
+
+
+def test_shira_export_gives_the_same_logits_through_peft(trained, tmp_path):
+    from peft import PeftModel
+
+    expected = reference_logits(trained["snip"])
+    model, _ = load_model(compose(["model=tiny"]).model, 0)
+    export_shira(model, trained["snip"] / "adapter", tmp_path / "shira")
+    fresh, _ = load_model(compose(["model=tiny"]).model, 0)
+    peft_model = PeftModel.from_pretrained(fresh, str(tmp_path / "shira"))
+    assert torch.allclose(logits(peft_model), expected, atol=1e-5, rtol=1e-5)
+    model, _ = load_model(compose(["model=tiny"]).model, 0)
+    with pytest.raises(ValueError, match="train with method.budget.match=lora"):
+        export_shira(model, trained["sparta"] / "adapter", tmp_path / "no")
+
+
+def test_rigsa_apply_command_writes_a_merged_model(trained, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    assert apply_main([str(trained["sparta"] / "adapter"), "--model", "tiny", "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(logits(merged), reference_logits(trained["sparta"]), atol=1e-6)
+    assert apply_main([str(trained["sparta"] / "adapter"), "--model", "tiny", "--seed", "3", "--out",
+                       str(tmp_path / "x")]) == 2
+    assert "rigsa-apply: error: this adapter was trained on a different base model" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""Forgetting through lm-eval: packaged GSM8K, paper-shaped fixtures, the base cache, the arithmetic."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rigsa import evaluate, forgetting, models
+from rigsa.config import compose
+from rigsa.forgetting import HubUnreachable, forget_row, forgetting_block
+from rigsa.run import run
+
+from conftest import TINY
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CPU = torch.device("cpu")
+SMALL_OFFLINE = ["eval=offline", "eval.forgetting.0.limit=4", "eval.forgetting.1.limit=2"]
+
+
+def tiny():
+    cfg = compose(TINY)
+    return load(cfg)
+
+
+def load(cfg):
+    model, tokenizer = models.load_model(cfg.model, 0)
+    return model, tokenizer
+
+
+def test_forget_ratio_and_collapse_arithmetic():
+    assert forget_row(0.5, 0.4, True) == pytest.approx(
+        {"base": 0.5, "adapted": 0.4, "forgetting": 0.1, "forget_ratio": 0.2, "higher_is_better": True, "collapsed": False})
+    assert forget_row(0.5, 0.6, True)["forget_ratio"] == 0.0 and forget_row(0.5, 0.6, True)["forgetting"] == pytest.approx(-0.1)
+    assert forget_row(0.30, 0.0, True)["collapsed"] and forget_row(0.30, 0.0, True)["forget_ratio"] == 1.0
+    assert not forget_row(0.005, 0.0, True)["collapsed"]  # the base was already ~0: nothing to collapse
+    bpb = forget_row(1.0, 1.25, False)  # bits per byte went up: worse
+    assert bpb["forgetting"] == pytest.approx(0.25) and bpb["forget_ratio"] == pytest.approx(0.25)
+    assert not bpb["collapsed"] and forget_row(1.0, 0.8, False)["forget_ratio"] == 0.0
+    base = {"a": {"metrics": {"acc": 0.6, "word_perplexity": 100.0}, "higher_is_better": {"acc": True, "word_perplexity": False}},
+            "b": {"metrics": {"bits_per_byte": 1.0}, "higher_is_better": {"bits_per_byte": False}}}
+    adapted = {"a": {"metrics": {"acc": 0.0, "word_perplexity": 900.0}}, "b": {"metrics": {"bits_per_byte": 1.1}}}
+    block = forgetting_block(base, adapted)
+    assert block["mean_forgetting"] == pytest.approx((0.6 + 0.1) / 2)  # perplexity left out of the averages
+    assert block["mean_forget_ratio"] == pytest.approx((1.0 + 0.1) / 2)
+    assert block["collapsed"] == 1 and block["tasks"]["a"]["word_perplexity"]["forgetting"] == 800.0
+
+
+def test_packaged_gsm8k_tasks_run_offline_on_tiny():
+    model, tokenizer = tiny()
+    cfg = compose(TINY + SMALL_OFFLINE)
+    scores = forgetting.evaluate_suite(model, tokenizer, cfg.eval, CPU, "float32", 0)
+    assert set(scores) == {"rigsa_gsm8k_bpb", "rigsa_gsm8k"}
+    bpb = scores["rigsa_gsm8k_bpb"]
+    assert {"bits_per_byte", "byte_perplexity", "word_perplexity"} <= set(bpb["metrics"]) and bpb["n"] == 4
+    assert bpb["metrics"]["bits_per_byte"] > 1.0 and bpb["higher_is_better"]["bits_per_byte"] is False
+    gsm = scores["rigsa_gsm8k"]
+    assert {"exact_match,strict-match", "exact_match,flexible-extract"} == set(gsm["metrics"]) and gsm["n"] == 2
+    assert gsm["metrics"]["exact_match,strict-match"] == 0.0  # a random model solves nothing
+
+
+def test_fewshot_pool_is_never_evaluated(tmp_path):
+    cfg = compose(TINY + SMALL_OFFLINE)
+    folder = forgetting.task_folder(cfg.eval)
+    data = folder.parent.parent / "lm_eval_data"
+    pool = (data / "gsm8k_fewshot.jsonl").read_text().splitlines()
+    evaluated = (data / "gsm8k_eval.jsonl").read_text().splitlines()
+    assert len(pool) == 50 and len(evaluated) == 1319 - 50 and not set(pool) & set(evaluated)
+
+
+def test_paper_shaped_fixtures_run_through_the_builtin_tasks():
+    model, tokenizer = tiny()
+    # exactly what a user types to point the paper suite at local files of the same shape
+    # (both tasks declare a train split for few-shot exemplars; at 0-shot it is loaded, never used)
+    piqa, hellaswag = FIXTURES / "piqa.jsonl", FIXTURES / "hellaswag.jsonl"
+    cfg = compose(TINY + ["eval=paper", f"eval.forgetting=[{{task:piqa,data_files:{{validation:'{piqa}',train:'{piqa}'}}}},"
+                          f"{{task:hellaswag,data_files:{{validation:'{hellaswag}',train:'{hellaswag}'}}}}]"])
+    assert forgetting.needs_hub(cfg.eval) == []
+    scores = forgetting.evaluate_suite(model, tokenizer, cfg.eval, CPU, "float32", 0)
+    for task, rows in (("piqa_local", 5), ("hellaswag_local", 4)):
+        metrics = scores[task]["metrics"]
+        assert set(metrics) == {"acc", "acc_norm"} and scores[task]["n"] == rows
+        assert all(value * rows == pytest.approx(round(value * rows)) for value in metrics.values())  # k of n right
+    text = (forgetting.task_folder(cfg.eval) / "hellaswag_local.yaml").read_text()
+    assert "lm_eval/tasks/hellaswag/hellaswag.yaml" in text  # the built-in task's own config and process_docs
+
+
+def test_second_run_hits_the_base_cache(tiny_cfg, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "cache_root", lambda: tmp_path / "cache")
+    calls = []
+    real = forgetting.evaluate_suite
+    monkeypatch.setattr(forgetting, "evaluate_suite", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = run(tiny_cfg(*SMALL_OFFLINE, "run.name=a"), tmp_path / "a")
+    assert len(calls) == 2 and "(cached)" not in capsys.readouterr().out
+    second = run(tiny_cfg(*SMALL_OFFLINE, "run.name=b", "seed=0", "method=head"), tmp_path / "b")
+    assert len(calls) == 3 and "(cached)" in capsys.readouterr().out  # only the adapted model was evaluated
+    for results in (first, second):
+        block = results["forgetting"]
+        assert set(block["tasks"]) == {"rigsa_gsm8k_bpb", "rigsa_gsm8k"}
+        row = block["tasks"]["rigsa_gsm8k_bpb"]["bits_per_byte"]
+        assert row["forgetting"] == pytest.approx(row["adapted"] - row["base"])
+    assert first["forgetting"]["tasks"]["rigsa_gsm8k_bpb"]["bits_per_byte"]["base"] == \
+        second["forgetting"]["tasks"]["rigsa_gsm8k_bpb"]["bits_per_byte"]["base"]
+
+
+def test_merged_sparse_adapter_scores_like_the_unmerged_model(tiny_cfg, tmp_path):
+    from rigsa.apply import apply_adapter
+    from rigsa.sparse.engine import sparse_layers
+
+    run(tiny_cfg("method=sparta", "method.budget.density=0.05", "train.lr=1e-2", "eval=none"), tmp_path / "run")
+    cfg = compose(TINY + SMALL_OFFLINE)
+    unmerged, tokenizer = tiny()
+    unmerged = apply_adapter(unmerged, tmp_path / "run" / "adapter", merge=False)
+    assert sparse_layers(unmerged)
+    merged, _ = tiny()
+    merged = apply_adapter(merged, tmp_path / "run" / "adapter", merge=True)
+    a = forgetting.evaluate_suite(unmerged, tokenizer, cfg.eval, CPU, "float32", 0)
+    b = forgetting.evaluate_suite(merged, tokenizer, cfg.eval, CPU, "float32", 0)
+    for task in a:
+        for metric, value in a[task]["metrics"].items():
+            assert b[task]["metrics"][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+
+
+def test_paper_suite_without_the_hub_fails_before_any_model_loads(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: unreachable at once
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with pytest.raises(HubUnreachable) as error:
+        run(tiny_cfg("eval=paper"), tmp_path / "run")
+    message = str(error.value)
+    assert "eval=paper runs lm-eval's ['piqa', 'hellaswag', 'gsm8k']" in message and "Use eval=offline" in message
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUnreachable, match="HF_HUB_OFFLINE"):
+        run(tiny_cfg("eval=paper"), tmp_path / "run")

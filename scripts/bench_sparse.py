@@ -48,7 +48,7 @@ def prepare(name: str, model):
     """Set up one configuration; return (parameters to optimize, a post-backward hook or None, stats)."""
     import torch
 
-    from rigsa.methods.sparse_mask import replace_module
+    from rigsa.methods import replace_module
     from rigsa.sparse.engine import SparseDeltaLinear
     from rigsa.sparse.targets import find_targets
 

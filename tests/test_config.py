@@ -16,7 +16,8 @@ GROUPS = ("model", "method", "task", "pruning", "eval", "logger")
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(group, option, tmp_path):
-    extra = [f"model.path={tmp_path}"] if (group, option) == ("model", "local") else []
+    extra = {("model", "local"): [f"model.path={tmp_path}"], ("pruning", "imp"): ["method=rigsa"],
+             ("pruning", "none"): ["method=lora"]}.get((group, option), [])
     cfg = compose([f"{group}={option}", *extra])
     assert cfg[group].name == option
     validate(cfg)
@@ -53,6 +54,10 @@ BAD = [
     (["task.test_size=1001"], "task.test_size=1001 is invalid"),
     (["method.dropout=1.5"], "method.dropout=1.5 is invalid"),
     (["dtype=float8"], "dtype='float8' is invalid"),
+    (["method=lora", "pruning=imp"], "pruning='imp' is invalid: expected a method that prunes (method=rigsa)"),
+    (["method=sparta", "method.budget.params=1000"], "method.budget=['density', 'params'] is invalid: expected exactly one"),
+    (["method=rigsa", "pruning=imp", "pruning.keep_fraction=1.5"], "pruning.keep_fraction=1.5 is invalid"),
+    (["method=gallop", "method.selection=best"], "method.selection='best' is invalid"),
 ]
 
 

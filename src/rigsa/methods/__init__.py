@@ -49,6 +49,19 @@ def freeze(model: nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+
+
+def untie_head(model: nn.Module) -> nn.Parameter:
+    """Give the output head its own trainable copy (SmolLM2 ties it to the frozen input embeddings)."""
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=True)
+    model.config.tie_word_embeddings = False  # a later tie_weights() must not re-tie the copy
+    return head.weight
+
+
 def trainable_named(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.methods import PruneStep, freeze, save_state
+from rigsa.methods import PruneStep, freeze, save_state, untie_head
 
 
 class HeadOnly:
@@ -20,10 +20,8 @@ class HeadOnly:
 
     def attach(self, model: nn.Module, calib=None) -> nn.Module:
         freeze(model)
-        head = model.get_output_embeddings()
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=True)
-        model.config.tie_word_embeddings = False  # a later tie_weights() must not re-tie the copy
-        self.head = head
+        untie_head(model)
+        self.head = model.get_output_embeddings()
         return model
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -12,24 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.methods import PruneStep, freeze, trainable_named
+from rigsa.methods import PruneStep, freeze, replace_module, trainable_named, untie_head
 from rigsa.sparse import adapter as sparse_adapter
 from rigsa.sparse.engine import SparseDeltaLinear, sparse_layers
 from rigsa.sparse.selection import NEEDS_GRADIENT, select
 from rigsa.sparse.targets import find_targets, lora_layer_counts, resolve_budget
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
-
-
-def untie_head(model: nn.Module) -> nn.Parameter:
-    """Give the output head its own trainable copy (SmolLM2 ties it to the frozen input embeddings)."""
-    head = model.get_output_embeddings()
-    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=True)
-    model.config.tie_word_embeddings = False  # a later tie_weights() must not re-tie the copy
-    return head.weight
 
 
 def calibration_gradients(model: nn.Module, targets: dict[str, nn.Linear], calib, loss_fn) -> dict[str, torch.Tensor]:

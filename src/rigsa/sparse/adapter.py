@@ -81,7 +81,7 @@ def load(model: nn.Module, directory: str | Path, merge: bool = True) -> nn.Modu
         raise AdapterMismatch(f"this adapter was trained on a different base model ({meta.get('base_model')!r}, "
                               f"fingerprint {meta['base_fingerprint'][:12]}…; this model's targeted weights hash to "
                               f"{found[:12]}…): load the base model it was trained on")
-    from rigsa.methods.sparse_mask import replace_module
+    from rigsa.methods import replace_module
 
     for name in layers:
         base = model.get_submodule(name)

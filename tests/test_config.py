@@ -16,10 +16,12 @@ GROUPS = ("model", "method", "task", "pruning", "eval", "logger")
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(group, option, tmp_path):
-    extra = {("model", "local"): [f"model.path={tmp_path}"], ("pruning", "imp"): ["method=rigsa"],
+    extra = {("model", "local"): [f"model.path={tmp_path}"], ("pruning", "imp"): ["method=rigsa"], ("pruning", "imp_cpu"): ["method=rigsa"],
              ("pruning", "none"): ["method=lora"]}.get((group, option), [])
+    if group == "method" and option != "rigsa":
+        extra = ["pruning=none"]  # the default schedule prunes, which only rigsa does
     cfg = compose([f"{group}={option}", *extra])
-    assert cfg[group].name == option
+    assert cfg[group].name == {"imp_cpu": "imp"}.get(option, option)  # imp_cpu is imp with a CPU budget
     validate(cfg)
 
 
@@ -52,7 +54,7 @@ BAD = [
     (["train.batch_size=0"], "train.batch_size=0 is invalid"),
     (["task.train_size=3900", "task.val_size=200"], "lower task.train_size to 3800"),
     (["task.test_size=1001"], "task.test_size=1001 is invalid"),
-    (["method.dropout=1.5"], "method.dropout=1.5 is invalid"),
+    (["method=lora", "pruning=none", "method.dropout=1.5"], "method.dropout=1.5 is invalid"),
     (["dtype=float8"], "dtype='float8' is invalid"),
     (["method=lora", "pruning=imp"], "pruning='imp' is invalid: expected a method that prunes (method=rigsa)"),
     (["method=sparta", "method.budget.params=1000"], "method.budget=['density', 'params'] is invalid: expected exactly one"),
@@ -78,8 +80,10 @@ def test_bad_values_fail_before_any_model_loads(overrides, message, tmp_path, mo
 def test_cli_help_lists_groups_and_options():
     output = subprocess.run([sys.executable, "-c", "import sys; sys.argv=['rigsa-run','--help'];"
                              "from rigsa.cli import run_main; run_main()"], capture_output=True, text=True, check=True).stdout
-    assert "method   dora, full, head, lora*, qlora" in output
+    assert ("method   block_sparse, dora, full, gallop, head, lora, qlora, random_mask, rigsa*, snip, sparta"
+            in output)
     assert "model    local, smollm2_1.7b, smollm2_135m*, tiny" in output
+    assert "pruning  imp, imp_cpu*, none" in output
 
 
 def test_cli_bad_value_exits_with_one_clean_message(tmp_path):

@@ -119,3 +119,20 @@ def test_qlora_quantizes_the_base_and_keeps_learning_after_an_evaluation(tiny_se
         torch.testing.assert_close(grads_after[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     run_steps(model, cfg, data, tmp_path / "b", steps=6, lr=1e-2)
     assert train_loss_and_grads()[0] < loss_before - 0.1
+
+
+def test_snip_reselection_moves_the_mask_during_the_first_epoch_only(tiny_setup, tmp_path):
+    from rigsa.sparse.engine import sparse_layers
+
+    _, data = tiny_setup
+    cfg, model, method, _, _ = attach("snip", data, ["method.reselect_every=2", "method.budget.density=0.02"])
+    counts = {name: layer.indices.numel() for name, layer in sparse_layers(model).items()}
+    logged = []
+    train_cfg = cfg.train.copy()
+    train_cfg.max_steps, train_cfg.lr = 8, 1e-2  # 32 digits / batch 8 = 4 steps per epoch
+    train(model, trainable_named(model), data, train_cfg, seed=0, device=CPU, dtype="float32",
+          checkpoint_path=tmp_path / "state.pt", log_metrics=lambda metrics, step: logged.append((step, metrics)),
+          after_step=method.after_step)
+    moved = {step: metrics["reselect/moved"] for step, metrics in logged if "reselect/moved" in metrics}
+    assert sorted(moved) == [2, 4] and any(value > 0 for value in moved.values())  # steps 6, 8: past epoch 1
+    assert {name: layer.indices.numel() for name, layer in sparse_layers(model).items()} == counts

@@ -26,19 +26,20 @@ def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-CASES = [  # (in, out, density, bias, batch shape, force sampled-matmul path)
-    (32, 48, 0.05, True, (3, 7), False),
-    (64, 16, 0.5, False, (5,), False),
-    (96, 80, 0.9, True, (2, 4, 3), True),
-    (128, 64, 0.02, False, (4, 9), True),
-    (40, 24, 1.0, True, (6,), False),
+CASES = [  # (in, out, density, bias, batch shape, value-gradient path)
+    (32, 48, 0.05, True, (3, 7), "gather"),
+    (64, 16, 0.5, False, (5,), "gather"),
+    (96, 80, 0.9, True, (2, 4, 3), "sampled"),
+    (128, 64, 0.02, False, (4, 9), "sampled"),
+    (40, 24, 1.0, True, (6,), "dense"),
+    (72, 56, 0.3, False, (3, 5), "dense"),
 ]
 
 
-@pytest.mark.parametrize("in_f,out_f,density,bias,batch,sampled", CASES)
-def test_gradients_match_a_float64_dense_reference(in_f, out_f, density, bias, batch, sampled, monkeypatch):
-    if sampled:
-        monkeypatch.setattr(engine, "GATHER_MAX_VALUES", 0)
+@pytest.mark.parametrize("in_f,out_f,density,bias,batch,path", CASES)
+def test_gradients_match_a_float64_dense_reference(in_f, out_f, density, bias, batch, path, monkeypatch):
+    monkeypatch.setattr(engine, "GATHER_MAX_VALUES", 10**9 if path == "gather" else 0)
+    monkeypatch.setattr(engine, "DENSE_FROM_DENSITY", 0.0 if path == "dense" else 2.0)
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 64)  # several token chunks even for these small shapes
     torch.manual_seed(in_f + out_f)
     base = nn.Linear(in_f, out_f, bias=bias)
@@ -47,7 +48,7 @@ def test_gradients_match_a_float64_dense_reference(in_f, out_f, density, bias, b
     indices = torch.randperm(in_f * out_f)[:m]
     values = torch.randn(m) * 0.1
     layer = SparseDeltaLinear(base, indices, values, gate=0.7, train_gate=True)
-    assert (layer.pattern is not None) == sampled
+    assert (layer.pattern is not None) == (path == "sampled") and layer.dense_gradient == (path == "dense")
     x = torch.randn(*batch, in_f, requires_grad=True)
     upstream = torch.randn(*batch, out_f)
     out = layer(x)
@@ -114,3 +115,20 @@ def test_bf16_autocast_gradients_stay_close_to_float32():
     assert out.dtype == torch.bfloat16
     out.float().pow(2).sum().backward()
     assert relative_error(layer.values.grad, exact) < 3e-2
+
+
+def test_reindex_carries_kept_values_and_restores_the_rest_of_the_base():
+    base = nn.Linear(8, 4, bias=False)
+    original = base.weight.detach().clone()
+    layer = SparseDeltaLinear(base, torch.tensor([1, 5, 9, 20]), torch.tensor([1.0, 5.0, 9.0, 20.0]))
+    values = layer.values
+    layer.merge()
+    source, found = layer.reindex(torch.tensor([30, 9, 2, 5]))
+    assert layer.values is values  # the optimizer's Parameter object is kept
+    assert layer.indices.tolist() == [2, 5, 9, 30] and layer.values.tolist() == [0.0, 5.0, 9.0, 0.0]
+    assert found.tolist() == [False, True, True, False] and source[found].tolist() == [1, 2]
+    assert torch.equal(layer.weight, original)  # unmerged: the old positions hold the base again
+    layer.merge()
+    expected = original.clone().reshape(-1)
+    expected[[5, 9]] += torch.tensor([5.0, 9.0])
+    assert torch.equal(layer.weight.reshape(-1), expected)

@@ -82,6 +82,7 @@ class SparseMaskMethodConfig(MethodConfig):
     calib_batches: int = 4
     eps: float = 1e-8
     train_head: bool = False
+    reselect_every: int = 0
     seed: int = 0
 
 
@@ -317,7 +318,7 @@ def validate(cfg: DictConfig) -> None:
         if method.block_size < 0 or method.scope not in ("per_tensor", "global"):
             _fail("method.scope", method.scope, "per_tensor or global (block_size >= 0)", "pass method.scope=per_tensor")
     if cfg.pruning.name == "imp":
-        if method.name != "rigsa" and "gate_init" not in method:
+        if "gate_init" not in method:
             _fail("pruning", "imp", "a method that prunes (method=rigsa)", "pass pruning=none or method=rigsa")
         if not 0 < cfg.pruning.keep_fraction <= 1:
             _fail("pruning.keep_fraction", cfg.pruning.keep_fraction, "0 < keep_fraction <= 1", "pass pruning.keep_fraction=0.5")

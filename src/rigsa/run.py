@@ -175,7 +175,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         result = train(model, trainable_named(model), data, cfg.train, seed=cfg.seed, device=device, dtype=cfg.dtype,
                        checkpoint_path=run_dir / "checkpoint" / f"{phase.name}.pt", log_metrics=tracker.log,
                        eval_batch_size=cfg.eval.batch_size, steps=phase.steps, step_offset=offset,
-                       param_groups=groups, desc=phase.name)
+                       param_groups=groups, desc=phase.name, after_step=getattr(method, "after_step", None))
         offset, seconds, tokens = offset + phase.steps, seconds + result.seconds, tokens + result.tokens
         if len(schedule) > 1:  # per-iteration numbers: the RIGSA paper's Figure 2
             row = {"phase": phase.name, "trainable_params": count_trainable(model), **sparse_stats(method)}

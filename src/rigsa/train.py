@@ -103,17 +103,20 @@ def load_checkpoint(path: Path, named: dict[str, nn.Parameter], optimizer, sched
 def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg: DictConfig, *, seed: int,
           device: torch.device, dtype: str, checkpoint_path: Path, log_metrics: Callable[[dict, int], None],
           eval_batch_size: int = 16, steps: int | None = None, step_offset: int = 0,
-          param_groups: list[dict] | None = None, desc: str = "train") -> TrainResult:
+          param_groups: list[dict] | None = None, desc: str = "train",
+          after_step: Callable | None = None) -> TrainResult:
     """Train `parameters` (name -> tensor) on data.train; checkpoint to `checkpoint_path`; resume from it.
 
     `steps` defaults to the train config's budget; `step_offset` numbers the steps of a later
     phase after the earlier ones (logging and data order continue); `param_groups` lets a method
-    set per-group options such as weight decay."""
+    set per-group options such as weight decay; `after_step(global_step, optimizer, batch,
+    steps_per_epoch) -> metrics` runs after every optimizer step (SNIP re-selection uses it)."""
     steps = total_steps(train_cfg, len(data.train)) if steps is None else steps
     groups = param_groups or [{"params": list(parameters.values()), "weight_decay": train_cfg.weight_decay}]
     optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr)
     scheduler = get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer,
                               num_warmup_steps=min(train_cfg.warmup_steps, steps), num_training_steps=steps)
+    total_steps_per_epoch = math.ceil(len(data.train) / (train_cfg.batch_size * train_cfg.grad_accum))
     start, tokens_before, seconds_before = 0, 0, 0.0
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, parameters, optimizer, scheduler)
@@ -139,11 +142,12 @@ def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg
                      if train_cfg.max_grad_norm > 0 else float("nan"))
         optimizer.step()
         scheduler.step()
+        extra = after_step(step_offset + step + 1, optimizer, batch, total_steps_per_epoch) if after_step else {}
         loss_value = step_loss
         losses.append(loss_value)
         seconds = seconds_before + time.perf_counter() - clock
         metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                   "train/tokens_per_second": tokens / seconds if seconds else 0.0}
+                   "train/tokens_per_second": tokens / seconds if seconds else 0.0, **(extra or {})}
         done = step + 1
         if train_cfg.eval_every and done % train_cfg.eval_every == 0 and len(data.val):
             val = target_accuracy(model, data.val, data.answer_token_ids, eval_batch_size, device, dtype)

@@ -45,12 +45,13 @@ def calibration_gradients(model: nn.Module, targets: dict[str, nn.Linear], calib
 class SparseMask:
     def __init__(self, name: str, selection: str = "random", target_modules=("sparta",), budget=None,
                  scope: str = "per_tensor", block_size: int = 0, calib_batches: int = 4, eps: float = 1e-8,
-                 train_head: bool = False, seed: int = 0, **_ignored):
+                 train_head: bool = False, reselect_every: int = 0, seed: int = 0, **_ignored):
         self.name, self.selection, self.scope = name, selection, scope
         self.target_modules = list(target_modules)
         self.budget = dict(budget or {"density": 0.005})
         self.block_size, self.calib_batches, self.eps = int(block_size), int(calib_batches), float(eps)
         self.train_head, self.seed = bool(train_head), int(seed)
+        self.reselect_every = int(reselect_every)
         self.model: nn.Module | None = None
         self.head: nn.Parameter | None = None
         self.target_numel = 0
@@ -79,6 +80,42 @@ class SparseMask:
             self.head = untie_head(model)
         self.model = model
         return model
+
+    def after_step(self, step: int, optimizer, batch: dict, steps_per_epoch: int) -> dict:
+        """SNIP-style re-selection (`reselect_every` > 0, scored rules): every N steps of the first
+        epoch, re-score on the current batch with the current weights and move each layer's m values
+        to the new top positions. Values (and AdamW moments) at positions kept carry over; new
+        positions start at zero. Returns {"reselect/moved": fraction of positions that changed}."""
+        if not self.reselect_every or self.selection == "random" or step % self.reselect_every or step > steps_per_epoch:
+            return {}
+        from omegaconf import OmegaConf
+
+        from rigsa.evaluate import answer_loss
+
+        layers = sparse_layers(self.model)
+        for layer in layers.values():
+            layer.merge()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        for parameter in trainable:  # the layers fall back to a plain linear: a dense gradient, once
+            parameter.requires_grad_(False)
+        try:
+            grads = calibration_gradients(self.model, layers, [batch], answer_loss)
+        finally:
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+        weights = {name: layer.weight for name, layer in layers.items()}
+        counts = {name: layer.indices.numel() for name, layer in layers.items()}
+        chosen = select(self.selection, weights, sum(counts.values()), grads=grads, eps=self.eps,
+                        block_size=self.block_size, counts=None if self.block_size else counts)
+        moved = 0
+        for name, layer in layers.items():
+            source, found = layer.reindex(chosen[name])
+            moved += int((~found).sum())
+            state = optimizer.state.get(layer.values, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = torch.where(found, state[key][source], torch.zeros_like(state[key]))
+        return {"reselect/moved": moved / max(1, sum(counts.values()))}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(trainable_named(self.model).values())

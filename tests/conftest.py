@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 from rigsa.config import compose  # noqa: E402
 
 # A run that takes seconds: tiny random Llama, 7x7 digits, a few steps, no W&B.
-TINY = ["model=tiny", "method=lora", "pruning=none", "task.image_size=7", "task.train_size=64", "task.val_size=0", "task.test_size=40",
+TINY = ["model=tiny", "method=lora", "pruning=none", "eval=target", "task.image_size=7", "task.train_size=64", "task.val_size=0", "task.test_size=40",
         "logger=none", "train.max_steps=4", "train.checkpoint_every=2", "train.warmup_steps=0", "dtype=float32"]
 
 

@@ -8,7 +8,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install assets run test test-slow bench lint
+.PHONY: install assets run test test-slow bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,3 +29,6 @@ test: assets
 
 test-slow: assets
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: install
+	$(PY) scripts/bench_sparse.py $(ARGS)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from rigsa import evaluate, forgetting, models
 from rigsa.config import compose

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from rigsa.methods import PruneStep, freeze, trainable_named
 from rigsa.methods import replace_module
 from rigsa.sparse import adapter as sparse_adapter
-from rigsa.sparse.engine import SparseDeltaLinear, sparse_layers
+from rigsa.sparse.engine import SparseDeltaLinear
 from rigsa.sparse.targets import find_targets
 
 

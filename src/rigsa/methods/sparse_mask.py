@@ -6,7 +6,6 @@ naming this class with its own defaults.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -88,8 +87,6 @@ class SparseMask:
         positions start at zero. Returns {"reselect/moved": fraction of positions that changed}."""
         if not self.reselect_every or self.selection == "random" or step % self.reselect_every or step > steps_per_epoch:
             return {}
-        from omegaconf import OmegaConf
-
         from rigsa.evaluate import answer_loss
 
         layers = sparse_layers(self.model)

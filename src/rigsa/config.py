@@ -231,8 +231,8 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
 
 # ---------------------------------------------------------------- value checks
-def check_budget(budget: DictConfig) -> None:
-    """Exactly one budget; its value in range. (The count itself needs the model: see sparse.targets.)"""
+def check_budget(budget: DictConfig) -> str:
+    """Exactly one budget, its value in range; return which one. (The count needs the model: sparse.targets.)"""
     chosen = [key for key in ("density", "params", "match", "from_run") if budget.get(key) not in (None, "", 0)]
     if len(chosen) != 1:
         _fail("method.budget", chosen, "exactly one of density, params, match, from_run",
@@ -247,7 +247,7 @@ def check_budget(budget: DictConfig) -> None:
     if key == "from_run" and not os.path.exists(os.path.join(os.path.expanduser(budget.from_run), "results.json")):
         _fail("method.budget.from_run", budget.from_run, "a finished run directory (with results.json)",
               "point it at runs/<name> of a finished run")
-
+    return key
 
 
 def _fail(key: str, value: Any, expected: str, fix: str) -> None:
@@ -311,10 +311,11 @@ def validate(cfg: DictConfig) -> None:
             _fail("method.quant_type", method.quant_type, "nf4 or fp4", "pass method.quant_type=nf4")
 
     if "budget" in method:
+        from rigsa.sparse.selection import RULES
+
         check_budget(method.budget)
-        if method.selection not in ("random", "magnitude", "gallop", "snip"):
-            _fail("method.selection", method.selection, "one of ['random', 'magnitude', 'gallop', 'snip']",
-                  "pass method.selection=random")
+        if method.selection not in RULES:
+            _fail("method.selection", method.selection, f"one of {list(RULES)}", "pass method.selection=random")
         if method.block_size < 0 or method.scope not in ("per_tensor", "global"):
             _fail("method.scope", method.scope, "per_tensor or global (block_size >= 0)", "pass method.scope=per_tensor")
     if cfg.pruning.name == "imp":

@@ -59,11 +59,16 @@ def load_model(model_cfg: DictConfig, seed: int = 0):
     return model.eval(), tokenizer
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter's name, shape and bytes: identifies the base weights exactly."""
+def hash_tensors(named) -> str:
+    """SHA-256 over (name, tensor) pairs in name order: each name, shape and raw bytes."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(named, key=lambda item: item[0]):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's name, shape and bytes: identifies the base weights exactly."""
+    return hash_tensors(model.state_dict().items())

@@ -99,8 +99,8 @@ def calibration_batches(data, cfg: DictConfig, device: torch.device):
 
 def summarize(suite: dict) -> str:
     return ", ".join(f"{task} {metric}={value:.4f}" for task, scores in suite.items()
-                     for metric, value in scores["metrics"].items() if metric.split(",")[0] in ("acc", "acc_norm",
-                     "exact_match", "bits_per_byte"))
+                     for metric, value in scores["metrics"].items()
+                     if metric.split(",")[0] in forgetting.PRIMARY_METRICS)
 
 
 def iteration_table(rows: list[dict], base: dict | None) -> str:

@@ -43,12 +43,16 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def steps_per_epoch(train_cfg: DictConfig, train_size: int) -> int:
+    """Optimizer steps in one pass over the training set."""
+    return math.ceil(train_size / (train_cfg.batch_size * train_cfg.grad_accum))
+
+
 def total_steps(train_cfg: DictConfig, train_size: int) -> int:
     """Optimizer steps: train.max_steps when > 0, else train.epochs passes over the training set."""
     if train_cfg.max_steps > 0:
         return int(train_cfg.max_steps)
-    per_epoch = math.ceil(train_size / (train_cfg.batch_size * train_cfg.grad_accum))
-    return max(1, math.ceil(train_cfg.epochs * per_epoch))
+    return max(1, math.ceil(train_cfg.epochs * steps_per_epoch(train_cfg, train_size)))
 
 
 def micro_batch_indices(size: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
@@ -116,7 +120,7 @@ def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg
     optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr)
     scheduler = get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer,
                               num_warmup_steps=min(train_cfg.warmup_steps, steps), num_training_steps=steps)
-    total_steps_per_epoch = math.ceil(len(data.train) / (train_cfg.batch_size * train_cfg.grad_accum))
+    epoch_steps = steps_per_epoch(train_cfg, len(data.train))
     start, tokens_before, seconds_before = 0, 0, 0.0
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, parameters, optimizer, scheduler)
@@ -142,7 +146,7 @@ def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg
                      if train_cfg.max_grad_norm > 0 else float("nan"))
         optimizer.step()
         scheduler.step()
-        extra = after_step(step_offset + step + 1, optimizer, batch, total_steps_per_epoch) if after_step else {}
+        extra = after_step(step_offset + step + 1, optimizer, batch, epoch_steps) if after_step else {}
         loss_value = step_loss
         losses.append(loss_value)
         seconds = seconds_before + time.perf_counter() - clock

@@ -7,7 +7,6 @@ applied to a different base model by mistake.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -35,15 +34,15 @@ def sparse_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def target_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
     """SHA-256 of the named layers' base weights (sparse layers are read unmerged, exactly)."""
-    digest = hashlib.sha256()
-    for name in sorted(layer_names):
-        module = model.get_submodule(name)
+    from rigsa.models import hash_tensors
+
+    def base_weight(module: nn.Module) -> torch.Tensor:
         weight = module.weight.detach().clone()
         if isinstance(module, SparseDeltaLinear):
-            weight.view(-1)[module.indices.long()] = module.base_values
-        digest.update(name.encode() + str(tuple(weight.shape)).encode())
-        digest.update(weight.float().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+            weight.view(-1)[module.flat] = module.base_values
+        return weight
+
+    return hash_tensors((name, base_weight(model.get_submodule(name))) for name in layer_names)
 
 
 def save(model: nn.Module, state: dict[str, torch.Tensor], directory: Path, metadata: dict) -> list[Path]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from rigsa.methods import PruneStep
-from rigsa.train import total_steps
+from rigsa.train import steps_per_epoch, total_steps
 
 
 @dataclass
@@ -27,8 +27,7 @@ class Phase:
 def _steps(steps: int, epochs: float, train_cfg: DictConfig, train_size: int) -> int:
     if steps > 0:
         return int(steps)
-    per_epoch = math.ceil(train_size / (train_cfg.batch_size * train_cfg.grad_accum))
-    return max(1, math.ceil(epochs * per_epoch))
+    return max(1, math.ceil(epochs * steps_per_epoch(train_cfg, train_size)))
 
 
 def phases(pruning: DictConfig, train_cfg: DictConfig, train_size: int) -> list[Phase]:

@@ -63,27 +63,18 @@ def lora_layer_counts(model: nn.Module, budget, targets: dict[str, nn.Linear]) -
 
 def resolve_budget(budget, model: nn.Module, targets: dict[str, nn.Linear]) -> int:
     """The number of trainable values a budget config buys on `targets`."""
-    chosen = [key for key in ("density", "params", "match", "from_run") if budget.get(key) not in (None, "", 0)]
-    if len(chosen) != 1:
-        raise ValueError(f"method.budget sets {chosen or 'nothing'}: set exactly one of density, params, match, from_run "
-                         "(e.g. method.budget.density=0.005)")
+    from rigsa.config import check_budget
+
+    key = check_budget(budget)  # exactly one budget, its value in range (ConfigError otherwise)
     total = sum(layer.weight.numel() for layer in targets.values())
-    key = chosen[0]
     if key == "density":
-        if not 0 < budget.density <= 1:
-            raise ValueError(f"method.budget.density={budget.density}: expected 0 < density <= 1")
         return round(budget.density * total)
     if key == "params":
         count = int(budget.params)
     elif key == "match":
-        if budget.match != "lora":
-            raise ValueError(f"method.budget.match={budget.match!r}: only 'lora' can be matched")
         count = lora_count(model, budget.r, budget.target_modules or ["all-linear"])
     else:
-        results = Path(budget.from_run) / "results.json"
-        if not results.exists():
-            raise ValueError(f"method.budget.from_run={budget.from_run!r}: no results.json there; point it at a finished run")
-        count = int(json.loads(results.read_text())["sparse"]["values"])
+        count = int(json.loads((Path(budget.from_run).expanduser() / "results.json").read_text())["sparse"]["values"])
     if not 0 < count <= total:
         raise ValueError(f"a budget of {count} values does not fit the {total} target weights")
     return count

@@ -130,7 +130,7 @@ class Rigsa:
                 positions = keep
             else:
                 layer.unmerge()
-                positions = layer.indices.long()[keep]
+                positions = layer.flat[keep]
             values = (init if step.rewind else current)[keep]
             replace_module(self.model, name, SparseDeltaLinear(layer, positions, values, gate=gate,
                                                                init_values=init[keep]))

@@ -132,7 +132,6 @@ class SparseDeltaLinear(nn.Module):
         # RIGSA keeps the values' initial state for its sign constraint and rewinding.
         self.register_buffer("init_values", None if init_values is None
                              else init_values.detach().float().reshape(-1).to(self.weight.device)[order].clone())
-        self.merged = False
         self._build_pattern()
 
     def _build_pattern(self) -> None:
@@ -160,13 +159,11 @@ class SparseDeltaLinear(nn.Module):
     def merge(self) -> None:
         """W[idx] = base[idx] + gate * values (exact: recomputed from the stored base values)."""
         self.weight.view(-1)[self.flat] = self.base_values + self.delta()
-        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """W[idx] = base[idx]: the base weights, bit for bit."""
         self.weight.view(-1)[self.flat] = self.base_values
-        self.merged = False
 
     @torch.no_grad()
     def reindex(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +176,7 @@ class SparseDeltaLinear(nn.Module):
         if indices.numel() != self.values.numel():
             raise ValueError(f"reindex keeps the count: {indices.numel()} positions for {self.values.numel()} values")
         self.unmerge()
-        old = self.indices.long()
+        old = self.flat
         source = torch.searchsorted(old, indices).clamp(max=max(old.numel() - 1, 0))
         found = old[source] == indices if old.numel() else torch.zeros_like(indices, dtype=torch.bool)
         self.values.data = torch.where(found, self.values.data[source], torch.zeros_like(self.values.data))

@@ -4,12 +4,13 @@ fine-tuning and a SpaRTA-style dense-gradient anchor, measured side by side in o
 Model: a random-init Llama, 8 layers x 512 hidden (intermediate 1408, 8 heads, 4 kv heads, vocab
 8192), every linear layer adapted; batch 8 x 256 tokens; AdamW; next-token loss on all tokens.
 Each configuration runs in its own subprocess (so its peak RSS is its own), `--warmup` steps then
-`--steps` timed steps; the median step time is reported. Printed: a table of ratios to the frozen
+`--steps` timed steps. The configurations run in turn, `--rounds` times over (so a slow spell of the
+machine hits all of them alike); a configuration's step time is the median over all its timed steps. Printed: a table of ratios to the frozen
 floor (time and peak-RSS increase over the process baseline), and the engine's bytes per trained
 value (indices + values + gradient + AdamW state + stored base values), counted from the tensors.
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_sparse.py            # ~5-10 min on 2 cores
-    python scripts/bench_sparse.py --steps 3 --warmup 1 --layers 2    # a quick smoke run
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_sparse.py            # ~10 min on 2 cores
+    python scripts/bench_sparse.py --steps 3 --warmup 1 --layers 2 --rounds 1   # a quick smoke run
 """
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def child(name: str, args) -> dict:
             hooks[1]()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-    result = {"name": name, "step_seconds": statistics.median(times),
+    result = {"name": name, "times": times,
               "trainable": sum(p.numel() for p in params),
               "peak_rss_increase": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss, **stats}
     if name.startswith("engine"):
@@ -154,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="passes over all configurations")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
@@ -166,18 +168,25 @@ def main() -> None:
         print(json.dumps(child(args.child, args)))
         return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    names = args.configs.split(",")
+    measured: dict[str, list[dict]] = {name: [] for name in names}
+    for round_number in range(args.rounds):
+        for name in names:
+            command = [sys.executable, __file__, "--child", name] + [f"--{k}={v}" for k, v in
+                       (("steps", args.steps), ("warmup", args.warmup), ("layers", args.layers), ("batch", args.batch),
+                        ("seq", args.seq), ("threads", args.threads))] + (["--bf16"] if args.bf16 else [])
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            measured[name].append(json.loads(output.strip().splitlines()[-1]))
+            print(f"round {round_number + 1}, {name}: {statistics.median(measured[name][-1]['times']):.3f} s/step",
+                  file=sys.stderr)
     rows = []
-    for name in args.configs.split(","):
-        command = [sys.executable, __file__, "--child", name] + [f"--{k}={v}" for k, v in
-                   (("steps", args.steps), ("warmup", args.warmup), ("layers", args.layers), ("batch", args.batch),
-                    ("seq", args.seq), ("threads", args.threads))] + (["--bf16"] if args.bf16 else [])
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
-        print(f"measured {name}: {rows[-1]['step_seconds']:.3f} s/step", file=sys.stderr)
+    for name, runs in measured.items():
+        rows.append({**runs[0], "step_seconds": statistics.median(t for run in runs for t in run["times"]),
+                     "peak_rss_increase": max(run["peak_rss_increase"] for run in runs)})
     floor = next(row for row in rows if row["name"] == "floor")
     lora = next((row for row in rows if row["name"] == "lora_r8"), None)
     print(f"random Llama {args.layers} x 512, batch {args.batch} x {args.seq}, {args.threads} threads, "
-          f"{'bf16 autocast' if args.bf16 else 'float32'}, median of {args.steps} steps")
+          f"{'bf16 autocast' if args.bf16 else 'float32'}, median of {args.rounds} x {args.steps} steps")
     print(f"{'config':<20}{'trainable':>12}{'s/step':>9}{'x floor':>9}{'x LoRA':>8}{'peak RSS +MB':>14}{'B/value':>9}")
     for row in rows:
         vs_lora = f"{row['step_seconds'] / lora['step_seconds']:.2f}" if lora else "-"

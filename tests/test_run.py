@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from rigsa import evaluate
 from rigsa.config import ConfigError
@@ -62,3 +63,33 @@ def test_rerunning_a_finished_run_returns_its_results(tiny_cfg, tmp_path, privat
     first = run(tiny_cfg("eval=none"), tmp_path / "run")
     monkeypatch.setattr("rigsa.models.load_model", lambda *a, **k: pytest.fail("a finished run was recomputed"))
     assert run(tiny_cfg("eval=none"), tmp_path / "run") == first
+
+
+def test_pruning_iterations_are_measured_on_a_prefix_and_the_last_phase_on_all(tiny_cfg, tmp_path, private_cache,
+                                                                                 monkeypatch):
+    seen = []
+    real = evaluate.target_accuracy
+    monkeypatch.setattr("rigsa.run.target_accuracy", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    results = run(tiny_cfg("method=rigsa", "pruning=imp", "pruning.iterations=2", "pruning.steps_per_iteration=1",
+                           "pruning.final_retrain_steps=1", "eval.iteration_test_size=20"), tmp_path / "run")
+    assert [row["test_size"] for row in results["iterations"]] == [20, 20, 40]
+    assert [row["accuracy"] for row in results["iterations"]] == [s["accuracy"] for s in seen[1:]]
+    assert results["target"]["accuracy"] == results["iterations"][-1]["accuracy"]
+    assert results["target"]["test_size"] == 40 and sum(seen[-1]["answer_counts"]) == 40
+    assert [sum(s["answer_counts"]) for s in seen[1:3]] == [20, 20]
+
+
+def test_target_accuracy_on_a_prefix_equals_the_accuracy_of_the_prefix_alone(tiny_cfg):
+    from dataclasses import replace
+
+    from rigsa.models import load_model
+    from rigsa.tasks import build_task
+
+    cfg = tiny_cfg()
+    model, tokenizer = load_model(cfg.model, 0)
+    data = build_task(cfg.task, tokenizer, cfg.train.max_seq_len)
+    prefix = replace(data.test, **{key: getattr(data.test, key)[:13] for key in
+                                  ("input_ids", "attention_mask", "labels", "digits")})
+    args = (data.answer_token_ids, 4, torch.device("cpu"), "float32")
+    assert evaluate.target_accuracy(model, data.test, *args, limit=13) == evaluate.target_accuracy(model, prefix, *args)
+    assert evaluate.target_accuracy(model, data.test, *args, limit=0)["n"] == 40

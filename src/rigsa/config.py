@@ -140,6 +140,7 @@ class EvalConfig:
     name: str = MISSING
     target: bool = True
     batch_size: int = 16
+    iteration_test_size: int = 0  # digits for the accuracy after each pruning iteration (0 = task.test_size)
     forgetting: List[ForgettingTaskConfig] = field(default_factory=list)
     lm_eval_batch_size: int = 8
     apply_chat_template: bool = False
@@ -284,7 +285,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("train.lr", "train.batch_size", "train.grad_accum", "train.max_seq_len"):
         _positive(cfg, key)
     for key in ("train.weight_decay", "train.warmup_steps", "train.max_steps", "train.epochs",
-                "train.eval_every", "train.checkpoint_every", "train.threads", "train.max_grad_norm"):
+                "train.eval_every", "train.checkpoint_every", "train.threads", "train.max_grad_norm",
+                "eval.iteration_test_size"):
         _positive(cfg, key, allow_zero=True)
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         _fail("train.epochs", 0, "train.epochs > 0 or train.max_steps > 0", "pass train.max_steps=100")

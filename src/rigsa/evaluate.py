@@ -42,21 +42,24 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 @torch.no_grad()
 def target_accuracy(model: nn.Module, split, answer_token_ids: torch.Tensor, batch_size: int,
-                    device: torch.device, dtype: str) -> dict:
-    """Accuracy of the argmax over the answer tokens, and how often each answer was given."""
+                    device: torch.device, dtype: str, limit: int = 0) -> dict:
+    """Accuracy of the argmax over the answer tokens, and how often each answer was given.
+
+    limit > 0 evaluates the first `limit` examples only (a prefix of the test set is stratified)."""
     was_training = model.training
     model.eval()
     predictions = []
-    for start in range(0, len(split), batch_size):
-        indices = torch.arange(start, min(start + batch_size, len(split)))
+    n = min(limit, len(split)) if limit > 0 else len(split)
+    for start in range(0, n, batch_size):
+        indices = torch.arange(start, min(start + batch_size, n))
         batch = {key: value.to(device) for key, value in split.batch(indices).items()}
         with autocast(device, dtype):
             logits = answer_logits(model, batch)
         predictions.append(logits[:, answer_token_ids.to(device)].argmax(-1).cpu())
     model.train(was_training)
     predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
-    correct = (predicted == split.digits).sum().item()
-    return {"accuracy": correct / max(1, len(split)), "n": len(split),
+    correct = (predicted == split.digits[:n]).sum().item()
+    return {"accuracy": correct / max(1, n), "n": n,
             "answer_counts": torch.bincount(predicted, minlength=len(answer_token_ids)).tolist()}
 
 

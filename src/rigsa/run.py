@@ -104,13 +104,14 @@ def summarize(suite: dict) -> str:
 
 
 def iteration_table(rows: list[dict], base: dict | None) -> str:
-    lines = [f"{'phase':<16}{'density':>10}{'trainable':>14}{'accuracy':>10}"]
+    lines = [f"{'phase':<16}{'density':>10}{'trainable':>14}{'accuracy':>10}{'digits':>8}"]
     if base is not None:
-        lines.append(f"{'base model':<16}{'':>10}{0:>14}{base['accuracy']:>10.4f}")
+        lines.append(f"{'base model':<16}{'':>10}{0:>14}{base['accuracy']:>10.4f}{base['n']:>8}")
     for row in rows:
         density = f"{row['density']:.4%}" if "density" in row else ""
         accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else ""
-        lines.append(f"{row['phase']:<16}{density:>10}{row['trainable_params']:>14,}{accuracy:>10}")
+        lines.append(f"{row['phase']:<16}{density:>10}{row['trainable_params']:>14,}{accuracy:>10}"
+                     f"{row.get('test_size', ''):>8}")
     return "\n".join(lines)
 
 
@@ -165,8 +166,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     trainable_params = count_trainable(model)
     print(f"{method.name}: {trainable_params:,} trainable of {total_params:,} parameters")
 
-    def test_accuracy() -> dict:
-        return target_accuracy(model, data.test, data.answer_token_ids, cfg.eval.batch_size, device, cfg.dtype)
+    def test_accuracy(limit: int = 0) -> dict:
+        return target_accuracy(model, data.test, data.answer_token_ids, cfg.eval.batch_size, device, cfg.dtype, limit)
 
     schedule = phases(cfg.pruning, cfg.train, len(data.train))
     iterations, offset, seconds, tokens, adapted = [], 0, 0.0, 0, None
@@ -179,9 +180,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         offset, seconds, tokens = offset + phase.steps, seconds + result.seconds, tokens + result.tokens
         if len(schedule) > 1:  # per-iteration numbers: the RIGSA paper's Figure 2
             row = {"phase": phase.name, "trainable_params": count_trainable(model), **sparse_stats(method)}
-            if cfg.eval.target:
-                adapted = test_accuracy()
-                row["accuracy"] = adapted["accuracy"]
+            if cfg.eval.target:  # the last phase is measured on the whole test set, the others may take a prefix
+                adapted = test_accuracy(0 if number + 1 == len(schedule) else cfg.eval.iteration_test_size)
+                row["accuracy"], row["test_size"] = adapted["accuracy"], adapted["n"]
             iterations.append(row)
             if result.losses:  # a phase replayed whole from its checkpoint logged this row before
                 tracker.log({f"imp/{key}": value for key, value in row.items() if key != "phase"}, offset)

@@ -53,12 +53,19 @@ def value_gradient(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, 
             v = x[start:start + chunk].float().index_select(1, cols)
             result += (g * v).sum(0)
         return result
+    # The sampled kernel takes dot products along the tokens, so it wants both operands token-contiguous
+    # ([out, t] and [in, t]); each is made so in one copy that also casts to float32 (the kernel has no
+    # bfloat16), instead of a cast followed by the kernel's own transposing copy.
     chunk = max(1, CHUNK_ELEMENTS // (grad_out.shape[1] + x.shape[1]))
     for start in range(0, tokens, chunk):
-        g_t = grad_out[start:start + chunk].float().t()  # [out, t]
-        v = x[start:start + chunk].float()  # [t, in]
-        result += torch.sparse.sampled_addmm(pattern, g_t, v, beta=0.0).values()
+        g_t, x_t = _transposed_float(grad_out[start:start + chunk]), _transposed_float(x[start:start + chunk])
+        result += torch.sparse.sampled_addmm(pattern, g_t, x_t.t(), beta=0.0).values()
     return result
+
+
+def _transposed_float(a: torch.Tensor) -> torch.Tensor:
+    """a.t() as a contiguous float32 tensor, transposed and cast in one copy."""
+    return torch.empty(a.shape[1], a.shape[0], dtype=torch.float32, device=a.device).copy_(a.t())
 
 
 class _SparseDeltaLinear(torch.autograd.Function):

@@ -40,7 +40,7 @@ def test_starts_with_the_base_models_outputs():
         assert (logits - expected).abs().max() < 1e-6 * expected.abs().max()
         layer = next(iter(method.layers().values()))
         assert layer.gate.item() == pytest.approx(1e-6)
-        assert layer.delta.std().item() == pytest.approx(1 / 64 ** 0.5, rel=0.1)  # init_scale / sqrt(in)
+        assert layer.delta.std().item() == pytest.approx(0.1 / 64 ** 0.5, rel=0.1)  # init_scale / sqrt(in)
 
 
 def test_density_follows_the_schedule_and_dense_tensors_are_freed():
@@ -79,7 +79,7 @@ def test_pruned_value_zero_is_truly_sparse_and_keeps_the_largest():
 def test_sign_constraint_never_keeps_a_flipped_entry():
     model, method = attach()
     name, layer = next(iter(method.layers().items()))
-    init = initial_delta(layer.weight.shape, "normal", 1.0, method.layer_seeds[name]).reshape(-1)
+    init = initial_delta(layer.weight.shape, "normal", method.init_scale, method.layer_seeds[name]).reshape(-1)
     with torch.no_grad():
         flipped = torch.topk(init.abs(), 100).indices  # the largest entries change sign and grow
         layer.delta.view(-1)[flipped] = -10 * init[flipped]
@@ -97,7 +97,7 @@ def test_sign_constraint_never_keeps_a_flipped_entry():
 def test_pruned_value_init_resets_and_freezes_pruned_entries():
     model, method = attach()
     name, layer = next(iter(method.layers().items()))
-    init = initial_delta(layer.weight.shape, "normal", 1.0, method.layer_seeds[name])
+    init = initial_delta(layer.weight.shape, "normal", method.init_scale, method.layer_seeds[name])
     with torch.no_grad():
         layer.delta.add_(torch.randn_like(layer.delta))
     method.prune(PruneStep(1, 0.5, pruned_value="init"))
@@ -126,7 +126,7 @@ def test_rewind_and_global_gate():
     assert len({id(layer.gate) for layer in layers.values()}) == 1
     for name, layer in layers.items():
         assert layer.gate.item() == pytest.approx(1e-6)
-        init = initial_delta(layer.weight.shape, "normal", 1.0, method.layer_seeds[name]).reshape(-1)
+        init = initial_delta(layer.weight.shape, "normal", method.init_scale, method.layer_seeds[name]).reshape(-1)
         assert torch.equal(layer.values.detach(), init[layer.indices.long()])
     named = dict(model.named_parameters())
     assert sum(1 for n in named if n.endswith("gate")) == 1  # shared: counted once

@@ -90,7 +90,7 @@ class SparseMaskMethodConfig(MethodConfig):
 class RigsaMethodConfig(MethodConfig):
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
     init: str = "normal"
-    init_scale: float = 1.0
+    init_scale: float = 0.1
     gate_init: float = 1e-6
     gate: str = "layer"
     weight_decay: float = 1.0

@@ -1,7 +1,7 @@
 """RIGSA (seed 000): a random-init full-rank delta behind a near-zero gate, then iterative magnitude
 pruning down to a sparse delta, then a final retrain.
 
-Dense phase: W = W0 + alpha * dW, dW random (normal, std = init_scale / sqrt(in_features) by
+Dense phase: W = W0 + alpha * dW, dW random (normal, std = init_scale / sqrt(in_features), 0.1 by
 default), alpha a learnable gate initialised at 1e-6 (per layer or one global gate), weight decay
 on dW only (paper: 1.0). At first the outputs equal the base model's (alpha * dW ~ 1e-6 * 1/sqrt(in)).
 
@@ -62,7 +62,7 @@ def initial_delta(shape: torch.Size, distribution: str, init_scale: float, seed:
 
 class Rigsa:
     def __init__(self, name: str = "rigsa", target_modules=("all-linear",), init: str = "normal",
-                 init_scale: float = 1.0, gate_init: float = 1e-6, gate: str = "layer", weight_decay: float = 1.0,
+                 init_scale: float = 0.1, gate_init: float = 1e-6, gate: str = "layer", weight_decay: float = 1.0,
                  seed: int = 0, **_ignored):
         if gate not in ("layer", "global"):
             raise ValueError(f"method.gate={gate!r}: expected layer or global")

@@ -3,14 +3,16 @@ fine-tuning and a SpaRTA-style dense-gradient anchor, measured side by side in o
 
 Model: a random-init Llama, 8 layers x 512 hidden (intermediate 1408, 8 heads, 4 kv heads, vocab
 8192), every linear layer adapted; batch 8 x 256 tokens; AdamW; next-token loss on all tokens.
-Each configuration runs in its own subprocess (so its peak RSS is its own), `--warmup` steps then
-`--steps` timed steps. The configurations run in turn, `--rounds` times over (so a slow spell of the
-machine hits all of them alike); a configuration's step time is the median over all its timed steps. Printed: a table of ratios to the frozen
-floor (time and peak-RSS increase over the process baseline), and the engine's bytes per trained
+Memory: each configuration alone in a fresh subprocess (`--memory-steps` steps), its peak RSS over
+the process's RSS once the model is built. Time: every configuration on its own model in one
+process, one step of each in turn per round (the order rotating), `--warmup` untimed rounds then
+`--steps` timed ones, so a slow spell of this shared machine hits all of them alike; a ratio is
+the median over rounds of the two configurations' same-round step times. Printed: a table of step
+time, ratios to the frozen floor and to LoRA, peak-RSS increase, and the engine's bytes per trained
 value (indices + values + gradient + AdamW state + stored base values), counted from the tensors.
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_sparse.py            # ~10 min on 2 cores
-    python scripts/bench_sparse.py --steps 3 --warmup 1 --layers 2 --rounds 1   # a quick smoke run
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_sparse.py            # ~8 min on 2 cores
+    python scripts/bench_sparse.py --steps 2 --warmup 1 --memory-steps 1 --layers 2   # a quick smoke run
 """
 from __future__ import annotations
 
@@ -112,50 +114,84 @@ def bytes_per_value(model, optimizer) -> float:
     return total / m
 
 
+class Trainer:
+    """One configuration on its own model: `step()` runs one optimizer step and returns its seconds."""
+
+    def __init__(self, name: str, args):
+        import torch
+
+        self.name, self.args = name, args
+        self.model = build_model(args.layers)
+        self.baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # model built, not yet adapted
+        self.params, self.hooks, self.stats = prepare(name, self.model)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
+        generator = torch.Generator().manual_seed(1)
+        self.input_ids = torch.randint(0, 8192, (args.batch, args.seq), generator=generator)
+
+    def step(self, keep_grad: bool = False) -> float:
+        import torch
+
+        start = time.perf_counter()
+        embed = self.model.get_input_embeddings()
+        inputs = embed(self.input_ids).detach().requires_grad_(True)  # the floor's backward reaches the inputs
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
+            logits = self.model(inputs_embeds=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                 self.input_ids[:, 1:].reshape(-1))
+        loss.backward()
+        if self.hooks:
+            self.hooks[0]()
+        if self.optimizer:
+            self.optimizer.step()
+            if not keep_grad:
+                self.optimizer.zero_grad(set_to_none=True)
+        if self.hooks:
+            self.hooks[1]()
+        return time.perf_counter() - start
+
+
 def child(name: str, args) -> dict:
+    """Memory of one configuration, alone in this process: peak RSS over the model's own baseline."""
     import torch
 
     torch.set_num_threads(args.threads)
-    model = build_model(args.layers)
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    params, hooks, stats = prepare(name, model)
-    model.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, 8192, (args.batch, args.seq), generator=generator)
-    embed = model.get_input_embeddings()
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        inputs = embed(input_ids).detach().requires_grad_(True)  # the floor's backward reaches the inputs
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(inputs_embeds=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                 input_ids[:, 1:].reshape(-1))
-        loss.backward()
-        if hooks:
-            hooks[0]()
-        if optimizer:
-            optimizer.step()
-            if step < args.warmup + args.steps - 1 or not name.startswith("engine"):
-                optimizer.zero_grad(set_to_none=True)
-        if hooks:
-            hooks[1]()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    result = {"name": name, "times": times,
-              "trainable": sum(p.numel() for p in params),
-              "peak_rss_increase": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss, **stats}
+    trainer = Trainer(name, args)
+    for step in range(args.memory_steps):
+        trainer.step(keep_grad=step == args.memory_steps - 1)  # the last step's gradients are counted
+    result = {"name": name, "trainable": sum(p.numel() for p in trainer.params),
+              "peak_rss_increase": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - trainer.baseline_rss,
+              **trainer.stats}
     if name.startswith("engine"):
-        result["bytes_per_value"] = bytes_per_value(model, optimizer)
+        result["bytes_per_value"] = bytes_per_value(trainer.model, trainer.optimizer)
     return result
+
+
+def paired_times(names: list[str], args) -> dict[str, list[float]]:
+    """Every configuration on its own model in this one process, one step each in turn (the order
+    rotating each round), so a slow spell of the machine hits all of them alike."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    trainers = [Trainer(name, args) for name in names]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_number in range(args.warmup + args.steps):
+        shift = round_number % len(trainers)
+        this_round = {trainer.name: trainer.step() for trainer in trainers[shift:] + trainers[:shift]}
+        if round_number >= args.warmup:
+            for name, seconds in this_round.items():
+                times[name].append(seconds)
+        print(f"round {round_number + 1}/{args.warmup + args.steps}"
+              f"{' (warmup)' if round_number < args.warmup else ''}: "
+              + ", ".join(f"{name} {this_round[name]:.2f}" for name in names), file=sys.stderr)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="passes over all configurations")
+    parser.add_argument("--steps", type=int, default=8, help="timed rounds (one step of every configuration)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory subprocess")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
@@ -169,31 +205,37 @@ def main() -> None:
         return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     names = args.configs.split(",")
-    measured: dict[str, list[dict]] = {name: [] for name in names}
-    for round_number in range(args.rounds):
-        for name in names:
-            command = [sys.executable, __file__, "--child", name] + [f"--{k}={v}" for k, v in
-                       (("steps", args.steps), ("warmup", args.warmup), ("layers", args.layers), ("batch", args.batch),
-                        ("seq", args.seq), ("threads", args.threads))] + (["--bf16"] if args.bf16 else [])
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            measured[name].append(json.loads(output.strip().splitlines()[-1]))
-            print(f"round {round_number + 1}, {name}: {statistics.median(measured[name][-1]['times']):.3f} s/step",
-                  file=sys.stderr)
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; choose from {','.join(CONFIGS)}")
+    if "floor" not in names:
+        parser.error(f"--configs {args.configs!r} has no 'floor': every ratio is taken against it; add floor")
+    for option in ("steps", "memory_steps", "layers", "batch", "seq", "threads"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
     rows = []
-    for name, runs in measured.items():
-        rows.append({**runs[0], "step_seconds": statistics.median(t for run in runs for t in run["times"]),
-                     "peak_rss_increase": max(run["peak_rss_increase"] for run in runs)})
-    floor = next(row for row in rows if row["name"] == "floor")
-    lora = next((row for row in rows if row["name"] == "lora_r8"), None)
+    for name in names:  # memory: each configuration alone in a fresh process
+        command = [sys.executable, __file__, "--child", name] + [f"--{k}={v}" for k, v in
+                   (("memory-steps", args.memory_steps), ("layers", args.layers), ("batch", args.batch),
+                    ("seq", args.seq), ("threads", args.threads))] + (["--bf16"] if args.bf16 else [])
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(output.strip().splitlines()[-1]))
+        print(f"memory, {name}: +{rows[-1]['peak_rss_increase'] / 2**20:.0f} MB", file=sys.stderr)
+    times = paired_times(names, args)
+
+    def ratio(name: str, reference: str) -> float:  # the median of same-round ratios
+        return statistics.median(a / b for a, b in zip(times[name], times[reference]))
+
     print(f"random Llama {args.layers} x 512, batch {args.batch} x {args.seq}, {args.threads} threads, "
-          f"{'bf16 autocast' if args.bf16 else 'float32'}, median of {args.rounds} x {args.steps} steps")
+          f"{'bf16 autocast' if args.bf16 else 'float32'}, {args.steps} rounds of one step per configuration "
+          f"(median step time; ratios: median of same-round ratios)")
     print(f"{'config':<20}{'trainable':>12}{'s/step':>9}{'x floor':>9}{'x LoRA':>8}{'peak RSS +MB':>14}{'B/value':>9}")
     for row in rows:
-        vs_lora = f"{row['step_seconds'] / lora['step_seconds']:.2f}" if lora else "-"
+        name = row["name"]
+        vs_lora = f"{ratio(name, 'lora_r8'):.2f}" if "lora_r8" in times else "-"
         per_value = f"{row['bytes_per_value']:.1f}" if "bytes_per_value" in row else ""
-        print(f"{row['name']:<20}{row['trainable']:>12,}{row['step_seconds']:>9.3f}"
-              f"{row['step_seconds'] / floor['step_seconds']:>9.2f}{vs_lora:>8}"
-              f"{row['peak_rss_increase'] / 2**20:>14.0f}{per_value:>9}")
+        print(f"{name:<20}{row['trainable']:>12,}{statistics.median(times[name]):>9.3f}"
+              f"{ratio(name, 'floor'):>9.2f}{vs_lora:>8}{row['peak_rss_increase'] / 2**20:>14.0f}{per_value:>9}")
 
 
 if __name__ == "__main__":

@@ -128,13 +128,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
         generator = torch.Generator().manual_seed(1)
         self.input_ids = torch.randint(0, 8192, (args.batch, args.seq), generator=generator)
+        self.embed = self.model.get_input_embeddings()
 
     def step(self, keep_grad: bool = False) -> float:
         import torch
 
         start = time.perf_counter()
-        embed = self.model.get_input_embeddings()
-        inputs = embed(self.input_ids).detach().requires_grad_(True)  # the floor's backward reaches the inputs
+        inputs = self.embed(self.input_ids).detach().requires_grad_(True)  # the floor's backward reaches the inputs
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
             logits = self.model(inputs_embeds=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -153,9 +153,6 @@ class Trainer:
 
 def child(name: str, args) -> dict:
     """Memory of one configuration, alone in this process: peak RSS over the model's own baseline."""
-    import torch
-
-    torch.set_num_threads(args.threads)
     trainer = Trainer(name, args)
     for step in range(args.memory_steps):
         trainer.step(keep_grad=step == args.memory_steps - 1)  # the last step's gradients are counted
@@ -170,9 +167,6 @@ def child(name: str, args) -> dict:
 def paired_times(names: list[str], args) -> dict[str, list[float]]:
     """Every configuration on its own model in this one process, one step each in turn (the order
     rotating each round), so a slow spell of the machine hits all of them alike."""
-    import torch
-
-    torch.set_num_threads(args.threads)
     trainers = [Trainer(name, args) for name in names]
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_number in range(args.warmup + args.steps):
@@ -200,19 +194,24 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--child")
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child, args)))
-        return
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads
     names = args.configs.split(",")
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; choose from {','.join(CONFIGS)}")
+    if len(set(names)) < len(names):
+        parser.error(f"--configs {args.configs!r} lists a configuration twice; list each once")
     if "floor" not in names:
         parser.error(f"--configs {args.configs!r} has no 'floor': every ratio is taken against it; add floor")
     for option in ("steps", "memory_steps", "layers", "batch", "seq", "threads"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child(args.child, args)))
+        return
     rows = []
     for name in names:  # memory: each configuration alone in a fresh process
         command = [sys.executable, __file__, "--child", name] + [f"--{k}={v}" for k, v in

@@ -23,6 +23,15 @@ def tiny_cfg(tmp_path):
     return make
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A fresh base-score cache (the packaged assets stay where they are)."""
+    from rigsa import cache
+
+    monkeypatch.setattr(cache, "scores_root", lambda: tmp_path / "cache")
+    return tmp_path / "cache"
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from rigsa import assets

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rigsa import evaluate, forgetting, models
+from rigsa import forgetting, models
 from rigsa.config import compose
 from rigsa.forgetting import HubUnreachable, forget_row, forgetting_block
 from rigsa.run import run
@@ -85,8 +85,7 @@ def test_paper_shaped_fixtures_run_through_the_builtin_tasks():
     assert "lm_eval/tasks/hellaswag/hellaswag.yaml" in text  # the built-in task's own config and process_docs
 
 
-def test_second_run_hits_the_base_cache(tiny_cfg, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "cache_root", lambda: tmp_path / "cache")
+def test_second_run_hits_the_base_cache(tiny_cfg, tmp_path, monkeypatch, capsys, private_cache):
     calls = []
     real = forgetting.evaluate_suite
     monkeypatch.setattr(forgetting, "evaluate_suite", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from rigsa.config import compose, options
-from rigsa.evaluate import answer_logits, target_accuracy
-from rigsa.methods import trainable_named
+from rigsa.evaluate import answer_logits, answer_loss, target_accuracy
+from rigsa.methods import Calibration, build_method, trainable_named
 from rigsa.sparse.engine import sparse_layers, unmerge_all
 from rigsa.models import load_model
 from rigsa.run import calibration_batches
@@ -33,15 +32,15 @@ def attach(method_name: str, data=None, overrides=()):
     model, _ = load_model(cfg.model, 0)
     originals = dict(model.named_parameters())
     snapshot = {name: tensor.detach().clone() for name, tensor in originals.items()}
-    method = instantiate(cfg.method, _convert_="all")
-    model = method.attach(model, None if data is None else calibration_batches(data, cfg, CPU))
+    method = build_method(cfg.method)
+    model = method.attach(model, Calibration([] if data is None else calibration_batches(data, cfg, CPU), answer_loss))
     return cfg, model, method, originals, snapshot
 
 
-def run_steps(model, cfg, data, path, steps: int, lr: float):
+def run_steps(model, method, cfg, data, path, steps: int, lr: float):
     train_cfg = cfg.train.copy()
     train_cfg.max_steps, train_cfg.lr, train_cfg.lr_schedule = steps, lr, "constant"
-    return train(model, trainable_named(model), data, train_cfg, seed=0, device=CPU, dtype="float32",
+    return train(model, method, data, train_cfg, seed=0, device=CPU, dtype="float32", eval_batch_size=8,
                  checkpoint_path=path / "state.pt", log_metrics=lambda metrics, step: None)
 
 
@@ -56,7 +55,7 @@ def test_method_trains_and_changes_only_its_parameters(method_name, tiny_setup, 
     assert trainable and [p for p in method.trainable_parameters()] == list(trainable.values())
     before = {name: p.detach().clone() for name, p in trainable.items()}
 
-    result = run_steps(model, cfg, data, tmp_path, steps=12, lr=1e-2)
+    result = run_steps(model, method, cfg, data, tmp_path, steps=12, lr=1e-2)
 
     # the random tiny model starts confidently wrong (loss ~17); it must come down clearly
     assert sum(result.losses[-3:]) / 3 < result.losses[0] - 1.0, result.losses
@@ -97,11 +96,11 @@ def test_qlora_quantizes_the_base_and_keeps_learning_after_an_evaluation(tiny_se
     import bitsandbytes as bnb
 
     _, data = tiny_setup
-    cfg, model, _, _, _ = attach("qlora")
+    cfg, model, method, _, _ = attach("qlora")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
     assert all(layer.weight.dtype == torch.uint8 and not layer.support_avx512bf16_for_cpu for layer in layers)
-    run_steps(model, cfg, data, tmp_path / "a", steps=3, lr=1e-2)
+    run_steps(model, method, cfg, data, tmp_path / "a", steps=3, lr=1e-2)
     batch = data.train.batch(torch.arange(len(data.train)))
 
     def train_loss_and_grads() -> tuple[float, dict]:
@@ -117,7 +116,7 @@ def test_qlora_quantizes_the_base_and_keeps_learning_after_an_evaluation(tiny_se
     assert loss_after == pytest.approx(loss_before, rel=1e-5)
     for name, grad in grads_before.items():  # the trap leaves only the residual/LoRA paths: grads differ
         torch.testing.assert_close(grads_after[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    run_steps(model, cfg, data, tmp_path / "b", steps=6, lr=1e-2)
+    run_steps(model, method, cfg, data, tmp_path / "b", steps=6, lr=1e-2)
     assert train_loss_and_grads()[0] < loss_before - 0.1
 
 
@@ -130,9 +129,8 @@ def test_snip_reselection_moves_the_mask_during_the_first_epoch_only(tiny_setup,
     logged = []
     train_cfg = cfg.train.copy()
     train_cfg.max_steps, train_cfg.lr = 8, 1e-2  # 32 digits / batch 8 = 4 steps per epoch
-    train(model, trainable_named(model), data, train_cfg, seed=0, device=CPU, dtype="float32",
-          checkpoint_path=tmp_path / "state.pt", log_metrics=lambda metrics, step: logged.append((step, metrics)),
-          after_step=method.after_step)
+    train(model, method, data, train_cfg, seed=0, device=CPU, dtype="float32", eval_batch_size=8,
+          checkpoint_path=tmp_path / "state.pt", log_metrics=lambda metrics, step: logged.append((step, metrics)))
     moved = {step: metrics["reselect/moved"] for step, metrics in logged if "reselect/moved" in metrics}
     assert sorted(moved) == [2, 4] and any(value > 0 for value in moved.values())  # steps 6, 8: past epoch 1
     assert {name: layer.indices.numel() for name, layer in sparse_layers(model).items()} == counts

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from rigsa.config import compose
-from rigsa.methods import PruneStep
-from rigsa.methods.rigsa import DenseGatedLinear, Rigsa, initial_delta
+from rigsa.evaluate import answer_loss
+from rigsa.methods import Calibration, PruneStep, build_method
+from rigsa.methods.rigsa import DenseGatedLinear, initial_delta
 from rigsa.models import load_model
 from rigsa.sparse.engine import SparseDeltaLinear
 from rigsa.sparse.schedule import phases
@@ -21,10 +22,10 @@ def tiny_model():
     return model
 
 
-def attach(**kwargs):
+def attach(*overrides: str):
     model = tiny_model()
-    method = Rigsa(**kwargs)
-    return method.attach(model), method
+    method = build_method(compose(TINY + ["method=rigsa", *overrides]).method)
+    return method.attach(model, Calibration([], answer_loss)), method
 
 
 def test_starts_with_the_base_models_outputs():
@@ -114,7 +115,7 @@ def test_pruned_value_init_resets_and_freezes_pruned_entries():
 
 
 def test_rewind_and_global_gate():
-    model, method = attach(gate="global", gate_init=1e-6)
+    model, method = attach("method.gate=global", "method.gate_init=1e-6")
     gates = {id(layer.gate) for layer in method.layers().values()}
     assert len(gates) == 1
     with torch.no_grad():

@@ -14,13 +14,6 @@ RESULT_KEYS = {"method", "model", "task", "seed", "trainable_params", "total_par
                "peak_memory_bytes", "base_fingerprint", "run_dir"}
 
 
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    """A fresh base-score cache (the packaged assets stay where they are)."""
-    monkeypatch.setattr(evaluate, "cache_root", lambda: tmp_path / "cache")
-    return tmp_path / "cache"
-
-
 def test_run_writes_every_result_key_and_a_wandb_offline_run(tiny_cfg, tmp_path, private_cache):
     results = run(tiny_cfg("logger=wandb", "logger.mode=offline"), tmp_path / "run")
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())

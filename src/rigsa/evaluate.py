@@ -1,4 +1,4 @@
-"""Target-task metrics, and the on-disk cache of the base model's scores.
+"""Target-task metrics: the answer logits, the training loss, and accuracy over the answer tokens.
 
 Textual MNIST accuracy is the argmax over the ten digit tokens' logits at the answer position
 (the last prompt position), measured the same way for the base and the adapted model.
@@ -6,18 +6,9 @@ Textual MNIST accuracy is the argmax over the ten digit tokens' logits at the an
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import logging
-from typing import Callable
 
 import torch
 from torch import nn
-
-from rigsa.assets import cache_root
-
-log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the way a metric is computed changes
 
 
 def autocast(device: torch.device, dtype: str):
@@ -61,18 +52,3 @@ def target_accuracy(model: nn.Module, split, answer_token_ids: torch.Tensor, bat
     correct = (predicted == split.digits[:n]).sum().item()
     return {"accuracy": correct / max(1, n), "n": n,
             "answer_counts": torch.bincount(predicted, minlength=len(answer_token_ids)).tolist()}
-
-
-def cached(kind: str, key_parts: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """Return (result, was_cached): `compute()` once per key, then read from $RIGSA_CACHE/<kind>/."""
-    key = hashlib.sha256(json.dumps({**key_parts, "cache_version": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()
-    path = cache_root() / kind / f"{key}.json"
-    if path.exists():
-        log.info("base %s: cache hit (%s)", kind, path)
-        return json.loads(path.read_text())["result"], True
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key_parts, "result": result}, indent=2))
-    tmp.replace(path)
-    return result, False

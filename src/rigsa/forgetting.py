@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from rigsa import assets
-from rigsa.evaluate import autocast, cached
+from rigsa.cache import cached
+from rigsa.evaluate import autocast
 
 log = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).parent / "lm_eval_tasks"

@@ -8,18 +8,20 @@ import shutil
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rigsa import forgetting, models
+from rigsa import checkpoints, forgetting, models
+from rigsa.cache import cached
 from rigsa.config import ConfigError, validate
-from rigsa.evaluate import cached, target_accuracy
-from rigsa.methods import trainable_named
-from rigsa.tasks import build_task
-from rigsa.tracking import Tracker
+from rigsa.evaluate import answer_loss, target_accuracy
+from rigsa.methods import Calibration, Method
 from rigsa.sparse.engine import merge_all, unmerge_all
 from rigsa.sparse.schedule import phases
+from rigsa.tasks import build_task
+from rigsa.tracking import Tracker
 from rigsa.train import micro_batch_indices, train
 
 log = logging.getLogger(__name__)
@@ -81,13 +83,8 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> str:
     return "resume" if any((run_dir / "checkpoint").glob("*.pt")) else "fresh"
 
 
-def count_trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in trainable_named(model).values())
-
-
-def sparse_stats(method) -> dict:
-    """{values, density, ...} for sparse methods (the exact trained count), {} for the others."""
-    return method.stats() if hasattr(method, "stats") else {}
+def count_trainable(method: Method) -> int:
+    return sum(p.numel() for p in method.trainable_parameters())
 
 
 def calibration_batches(data, cfg: DictConfig, device: torch.device):
@@ -97,10 +94,22 @@ def calibration_batches(data, cfg: DictConfig, device: torch.device):
         yield {key: value.to(device) for key, value in data.train.batch(indices).items()}
 
 
+def test_accuracy(model, data, cfg: DictConfig, device: torch.device, limit: int = 0) -> dict:
+    return target_accuracy(model, data.test, data.answer_token_ids, cfg.eval.batch_size, device, cfg.dtype, limit)
+
+
 def summarize(suite: dict) -> str:
     return ", ".join(f"{task} {metric}={value:.4f}" for task, scores in suite.items()
                      for metric, value in scores["metrics"].items()
                      if metric.split(",")[0] in forgetting.PRIMARY_METRICS)
+
+
+def timed(describe, compute) -> tuple[dict, bool]:
+    """Run a cached computation; print describe(result) with how long it took, or that it was cached."""
+    started = time.perf_counter()
+    result, hit = compute()
+    print(f"{describe(result)} ({'cached' if hit else f'{time.perf_counter() - started:.0f} s'})")
+    return result, hit
 
 
 def iteration_table(rows: list[dict], base: dict | None) -> str:
@@ -121,12 +130,64 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+@dataclass
+class Training:
+    """What the phases of a run produced."""
+    steps: int
+    seconds: float
+    tokens: int
+    final_loss: float
+    resumed_from_step: dict[str, int]  # each phase's step its checkpoint resumed it from (0 = trained from scratch)
+    iterations: list[dict]  # one row per phase when the schedule has several: the RIGSA paper's Figure 2
+    adapted: dict | None  # the final model's accuracy on the whole test set (None with eval.target=false)
+
+
+def train_phases(model, method: Method, data, cfg: DictConfig, device: torch.device, run_dir: Path,
+                 tracker: Tracker) -> Training:
+    """Train each phase of the pruning schedule and apply its prune; with several phases, measure the
+    test accuracy after each (on eval.iteration_test_size digits, the last phase on all); and measure
+    the final model on the whole test set (reusing the last phase's measurement when no prune followed it)."""
+    schedule = phases(cfg.pruning, cfg.train, len(data.train))
+    iterations, resumed, offset, seconds, tokens, adapted = [], {}, 0, 0.0, 0, None
+    for number, phase in enumerate(schedule):
+        last = number + 1 == len(schedule)
+        result = train(model, method, data, cfg.train, seed=cfg.seed, device=device, dtype=cfg.dtype,
+                       checkpoint_path=checkpoints.phase_path(run_dir, phase.name), log_metrics=tracker.log,
+                       eval_batch_size=cfg.eval.batch_size, steps=phase.steps, step_offset=offset, desc=phase.name)
+        offset, seconds, tokens = offset + phase.steps, seconds + result.seconds, tokens + result.tokens
+        resumed[phase.name] = result.resumed_from
+        if len(schedule) > 1:
+            row = {"phase": phase.name, "trainable_params": count_trainable(method), **method.stats()}
+            if cfg.eval.target:
+                adapted = test_accuracy(model, data, cfg, device, 0 if last else cfg.eval.iteration_test_size)
+                row["accuracy"], row["test_size"] = adapted["accuracy"], adapted["n"]
+            iterations.append(row)
+            tracker.log({f"imp/{key}": value for key, value in row.items() if key != "phase"}, offset, once=True)
+        if phase.prune is not None:
+            log.info("pruned (iteration %d): %s", phase.prune.iteration, method.prune(phase.prune))
+            adapted = None  # measured before this prune
+    if cfg.eval.target and adapted is None:
+        adapted = test_accuracy(model, data, cfg, device)
+    return Training(offset, seconds, tokens, result.final_loss, resumed, iterations, adapted)
+
+
+def adapted_forgetting(model, tokenizer, cfg: DictConfig, device: torch.device, base_suite: dict) -> dict:
+    """The forgetting suite on the adapted model (sparse deltas merged for lm-eval, unmerged exactly after)."""
+    started = time.perf_counter()
+    merge_all(model)
+    adapted_suite = forgetting.evaluate_suite(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed)
+    unmerge_all(model)
+    block = {**forgetting.forgetting_block(base_suite, adapted_suite), "seconds": time.perf_counter() - started}
+    print(f"adapted model, eval={cfg.eval.name}: {summarize(adapted_suite)}; mean forgetting "
+          f"{block['mean_forgetting']:+.4f}, collapsed {block['collapsed']}")
+    return block
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    validate(cfg)  # before anything heavy: a bad value costs a second, not a model load
+    method = validate(cfg)  # every value checked, the method built: a bad value costs a second, not a model load
     forgetting.check_hub(cfg.eval)  # eval=paper without the hub stops here, not after training
     run_dir = Path(run_dir)
-    state = prepare_run_dir(cfg, run_dir)
-    if state == "complete":
+    if prepare_run_dir(cfg, run_dir) == "complete":
         results = json.loads((run_dir / "results.json").read_text())
         print(f"{run_dir} is complete; results.json:\n{json.dumps(results, indent=2)}")
         return results
@@ -134,91 +195,47 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    resume_step = max((torch.load(path, map_location="cpu", weights_only=False)["global_step"]
-                       for path in (run_dir / "checkpoint").glob("*.pt")), default=0)
-    tracker = Tracker(cfg, run_dir, resume_step)
+    tracker = Tracker(cfg, run_dir, checkpoints.resume_step(run_dir))
 
     model, tokenizer = models.load_model(cfg.model, cfg.seed)
     data = build_task(cfg.task, tokenizer, cfg.train.max_seq_len)
     model.to(device)
     total_params = sum(p.numel() for p in model.parameters())
     base_fingerprint = models.fingerprint(model)
-
-    base = None
+    base = base_suite = None
     if cfg.eval.target:
-        started = time.perf_counter()
-        base, hit = cached("base_target", {"model": base_fingerprint, "task": data.test_key, "dtype": cfg.dtype},
-                           lambda: target_accuracy(model, data.test, data.answer_token_ids, cfg.eval.batch_size,
-                                                   device, cfg.dtype))
-        print(f"base model: test accuracy {base['accuracy']:.4f} on {base['n']} digits "
-              f"({'cached' if hit else f'{time.perf_counter() - started:.0f} s'})")
-
-    base_suite = None
+        key = {"model": base_fingerprint, "task": data.test_key, "dtype": cfg.dtype}
+        base, _ = timed(lambda r: f"base model: test accuracy {r['accuracy']:.4f} on {r['n']} digits",
+                        lambda: cached("base_target", key, lambda: test_accuracy(model, data, cfg, device)))
     if cfg.eval.forgetting:
-        started = time.perf_counter()
-        base_suite, hit = forgetting.base_scores(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed, base_fingerprint)
-        print(f"base model, eval={cfg.eval.name}: {summarize(base_suite)} "
-              f"({'cached' if hit else f'{time.perf_counter() - started:.0f} s'})")
+        base_suite, _ = timed(lambda r: f"base model, eval={cfg.eval.name}: {summarize(r)}",
+                              lambda: forgetting.base_scores(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed,
+                                                             base_fingerprint))
 
-    method = instantiate(cfg.method, _convert_="all")
     torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
-    model = method.attach(model, calib=calibration_batches(data, cfg, device)).to(device)
-    trainable_params = count_trainable(model)
-    print(f"{method.name}: {trainable_params:,} trainable of {total_params:,} parameters")
+    model = method.attach(model, Calibration(calibration_batches(data, cfg, device), answer_loss)).to(device)
+    initial_trainable = count_trainable(method)
+    print(f"{method.name}: {initial_trainable:,} trainable of {total_params:,} parameters")
 
-    def test_accuracy(limit: int = 0) -> dict:
-        return target_accuracy(model, data.test, data.answer_token_ids, cfg.eval.batch_size, device, cfg.dtype, limit)
-
-    schedule = phases(cfg.pruning, cfg.train, len(data.train))
-    iterations, offset, seconds, tokens, adapted = [], 0, 0.0, 0, None
-    for number, phase in enumerate(schedule):
-        groups = method.param_groups() if hasattr(method, "param_groups") else None
-        result = train(model, trainable_named(model), data, cfg.train, seed=cfg.seed, device=device, dtype=cfg.dtype,
-                       checkpoint_path=run_dir / "checkpoint" / f"{phase.name}.pt", log_metrics=tracker.log,
-                       eval_batch_size=cfg.eval.batch_size, steps=phase.steps, step_offset=offset,
-                       param_groups=groups, desc=phase.name, after_step=getattr(method, "after_step", None))
-        offset, seconds, tokens = offset + phase.steps, seconds + result.seconds, tokens + result.tokens
-        if len(schedule) > 1:  # per-iteration numbers: the RIGSA paper's Figure 2
-            row = {"phase": phase.name, "trainable_params": count_trainable(model), **sparse_stats(method)}
-            if cfg.eval.target:  # the last phase is measured on the whole test set, the others may take a prefix
-                adapted = test_accuracy(0 if number + 1 == len(schedule) else cfg.eval.iteration_test_size)
-                row["accuracy"], row["test_size"] = adapted["accuracy"], adapted["n"]
-            iterations.append(row)
-            if result.losses:  # a phase replayed whole from its checkpoint logged this row before
-                tracker.log({f"imp/{key}": value for key, value in row.items() if key != "phase"}, offset)
-        if phase.prune is not None:
-            stats = method.prune(phase.prune)
-            log.info("pruned (iteration %d): %s", phase.prune.iteration, stats)
-            if number + 1 == len(schedule):
-                adapted = None  # pruned after the last evaluation: evaluate again below
-    final_trainable = count_trainable(model)
-    if cfg.eval.target and adapted is None:
-        adapted = test_accuracy()
-    if iterations:
-        print(iteration_table(iterations, base))
-    forgetting_results = None
-    if base_suite is not None:
-        started = time.perf_counter()
-        merge_all(model)  # sparse deltas merged into the weights for lm-eval, unmerged exactly after
-        adapted_suite = forgetting.evaluate_suite(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed)
-        unmerge_all(model)
-        forgetting_results = {**forgetting.forgetting_block(base_suite, adapted_suite),
-                              "seconds": time.perf_counter() - started}
-        print(f"adapted model, eval={cfg.eval.name}: {summarize(adapted_suite)}; mean forgetting "
-              f"{forgetting_results['mean_forgetting']:+.4f}, collapsed {forgetting_results['collapsed']}")
+    training = train_phases(model, method, data, cfg, device, run_dir, tracker)
+    if training.iterations:
+        print(iteration_table(training.iterations, base))
+    forgetting_results = adapted_forgetting(model, tokenizer, cfg, device, base_suite) if base_suite else None
 
     adapter_dir = run_dir / "adapter"
     method.save(adapter_dir)
+    adapted = training.adapted
     results = {
         "method": method.name, "model": cfg.model.name, "task": cfg.task.name, "seed": cfg.seed,
-        "trainable_params": final_trainable, "initial_trainable_params": trainable_params, "total_params": total_params,
+        "trainable_params": count_trainable(method), "initial_trainable_params": initial_trainable,
+        "total_params": total_params,
         "target": {"base_accuracy": base and base["accuracy"], "accuracy": adapted and adapted["accuracy"],
                    "test_size": len(data.test), "base_answer_counts": base and base["answer_counts"],
                    "answer_counts": adapted and adapted["answer_counts"]},
-        "train": {"steps": offset, "seconds": seconds, "tokens": tokens,
-                  "tokens_per_second": tokens / seconds if seconds else 0.0, "final_loss": result.final_loss,
-                  "resumed_from_step": result.resumed_from},
-        "pruning": cfg.pruning.name, "sparse": sparse_stats(method) or None, "iterations": iterations,
+        "train": {"steps": training.steps, "seconds": training.seconds, "tokens": training.tokens,
+                  "tokens_per_second": training.tokens / training.seconds if training.seconds else 0.0,
+                  "final_loss": training.final_loss, "resumed_from_step": training.resumed_from_step},
+        "pruning": cfg.pruning.name, "sparse": method.stats() or None, "iterations": training.iterations,
         "forgetting": forgetting_results,
         "peak_memory_bytes": peak_memory_bytes(device),
         "base_fingerprint": base_fingerprint,
@@ -227,7 +244,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     tracker.finish(results, adapter_dir, cfg.logger.log_adapter)
     if adapted is not None:
         print(f"{method.name} on {cfg.task.name}: test accuracy {base['accuracy']:.4f} (base) -> "
-              f"{adapted['accuracy']:.4f} (adapted) on {len(data.test)} digits; trained {offset} steps "
-              f"in {seconds / 60:.1f} min ({results['train']['tokens_per_second']:.0f} tokens/s)")
+              f"{adapted['accuracy']:.4f} (adapted) on {len(data.test)} digits; trained {training.steps} steps "
+              f"in {training.seconds / 60:.1f} min ({results['train']['tokens_per_second']:.0f} tokens/s)")
     print(f"results: {run_dir / 'results.json'}")
     return results

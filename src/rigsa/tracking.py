@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from rigsa.cache import write_text_atomically
+
 log = logging.getLogger(__name__)
 
 
@@ -70,14 +72,23 @@ class Tracker:
             log.info("W&B run %s (%s)", run_id, wandb_mode(cfg.logger.mode))
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint: they are logged again."""
+        """On resume, drop lines logged after the checkpoint: they are logged again. Remember what is kept,
+        so a line logged `once` (a phase's imp/* row) is not written twice."""
+        self.kept: set[tuple[int, tuple[str, ...]]] = set()
         if not self.metrics_path.exists():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
+        for line in kept:
+            record = json.loads(line)
+            self.kept.add((record.pop("step", 0), tuple(sorted(record))))
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int, once: bool = False) -> None:
+        """Append one line to metrics.jsonl (and W&B). once=True: not when a kept line already holds these keys at
+        this step (a resumed run replays finished phases)."""
+        if once and (step, tuple(sorted(metrics))) in self.kept:
+            return
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(_clean({"step": step, **metrics})) + "\n")
         if self.wandb_run is not None:
@@ -116,6 +127,4 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2))
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(_clean(data), indent=2))

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from rigsa import checkpoints
 from rigsa.evaluate import answer_loss, autocast, target_accuracy
 
 log = logging.getLogger(__name__)
@@ -69,65 +67,38 @@ def micro_batch_indices(size: int, batch_size: int, seed: int, micro_step: int) 
     return torch.cat(chunks)
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+def named_trainable(model: nn.Module, method) -> dict[str, nn.Parameter]:
+    """The method's trainable parameters (`trainable_parameters()`), named as in the model (checkpoint keys)."""
+    trainable = {id(parameter) for parameter in method.trainable_parameters()}
+    named = {name: parameter for name, parameter in model.named_parameters() if id(parameter) in trainable}
+    if len(named) != len(trainable):
+        raise RuntimeError(f"{method.name}: {len(trainable) - len(named)} trainable parameters are not in the model")
+    return named
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def train(model: nn.Module, method, data, train_cfg: DictConfig, *, seed: int, device: torch.device, dtype: str,
+          checkpoint_path: Path, log_metrics: Callable[[dict, int], None], eval_batch_size: int,
+          steps: int | None = None, step_offset: int = 0, desc: str = "train") -> TrainResult:
+    """Train the method's parameters on data.train; checkpoint to `checkpoint_path`; resume from it.
 
-
-def save_checkpoint(path: Path, step: int, named: dict[str, nn.Parameter], optimizer, scheduler, extra: dict) -> None:
-    """Write the checkpoint atomically: a crash mid-write leaves the previous one intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "trainable": {name: p.detach().clone() for name, p in named.items()},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, named: dict[str, nn.Parameter], optimizer, scheduler) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    missing = set(named) ^ set(state["trainable"])
-    if missing:
-        raise RuntimeError(f"checkpoint {path} does not match the adapter (differs in {sorted(missing)[:5]}): "
-                           "delete the run directory or pass run.overwrite=true")
-    with torch.no_grad():
-        for name, parameter in named.items():
-            parameter.copy_(state["trainable"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state
-
-
-def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg: DictConfig, *, seed: int,
-          device: torch.device, dtype: str, checkpoint_path: Path, log_metrics: Callable[[dict, int], None],
-          eval_batch_size: int = 16, steps: int | None = None, step_offset: int = 0,
-          param_groups: list[dict] | None = None, desc: str = "train",
-          after_step: Callable | None = None) -> TrainResult:
-    """Train `parameters` (name -> tensor) on data.train; checkpoint to `checkpoint_path`; resume from it.
-
-    `steps` defaults to the train config's budget; `step_offset` numbers the steps of a later
-    phase after the earlier ones (logging and data order continue); `param_groups` lets a method
-    set per-group options such as weight decay; `after_step(global_step, optimizer, batch,
-    steps_per_epoch) -> metrics` runs after every optimizer step (SNIP re-selection uses it)."""
+    `method` (rigsa.methods.Method) gives the AdamW parameter groups and `after_step(global_step,
+    optimizer, batch, steps_per_epoch) -> metrics`, run after every optimizer step (SNIP re-selection).
+    `steps` defaults to the train config's budget; `step_offset` numbers the steps of a later phase
+    after the earlier ones (logging and data order continue)."""
     steps = total_steps(train_cfg, len(data.train)) if steps is None else steps
-    groups = param_groups or [{"params": list(parameters.values()), "weight_decay": train_cfg.weight_decay}]
-    optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr)
+    parameters = named_trainable(model, method)
+    optimizer = torch.optim.AdamW(method.param_groups(train_cfg.weight_decay), lr=train_cfg.lr)
     scheduler = get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer,
                               num_warmup_steps=min(train_cfg.warmup_steps, steps), num_training_steps=steps)
     epoch_steps = steps_per_epoch(train_cfg, len(data.train))
-    start, tokens_before, seconds_before = 0, 0, 0.0
+    start, tokens_before, seconds_before, loss_value = 0, 0, 0.0, float("nan")
     if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, parameters, optimizer, scheduler)
+        state = checkpoints.load(checkpoint_path, parameters, optimizer, scheduler)
         start, tokens_before, seconds_before = state["step"], state["tokens"], state["seconds"]
+        loss_value = state.get("loss", loss_value)
         log.info("resumed from %s at step %d/%d", checkpoint_path, start, steps)
     model.train()
-    tokens, loss_value, losses = tokens_before, float("nan"), []
+    tokens, losses = tokens_before, []
     clock = time.perf_counter()
     progress = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0)
     for step in range(start, steps):
@@ -146,12 +117,12 @@ def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg
                      if train_cfg.max_grad_norm > 0 else float("nan"))
         optimizer.step()
         scheduler.step()
-        extra = after_step(step_offset + step + 1, optimizer, batch, epoch_steps) if after_step else {}
+        extra = method.after_step(step_offset + step + 1, optimizer, batch, epoch_steps)
         loss_value = step_loss
         losses.append(loss_value)
         seconds = seconds_before + time.perf_counter() - clock
         metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                   "train/tokens_per_second": tokens / seconds if seconds else 0.0, **(extra or {})}
+                   "train/tokens_per_second": tokens / seconds if seconds else 0.0, **extra}
         done = step + 1
         if train_cfg.eval_every and done % train_cfg.eval_every == 0 and len(data.val):
             val = target_accuracy(model, data.val, data.answer_token_ids, eval_batch_size, device, dtype)
@@ -162,9 +133,9 @@ def train(model: nn.Module, parameters: dict[str, nn.Parameter], data, train_cfg
                              tok_s=f"{metrics['train/tokens_per_second']:.0f}", refresh=False)
         progress.update(1)
         if (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == steps:
-            save_checkpoint(checkpoint_path, done, parameters, optimizer, scheduler,
-                            {"tokens": tokens, "seconds": seconds_before + time.perf_counter() - clock,
-                             "global_step": step_offset + done})
+            checkpoints.save(checkpoint_path, done, parameters, optimizer, scheduler,
+                             {"tokens": tokens, "seconds": seconds_before + time.perf_counter() - clock,
+                              "global_step": step_offset + done, "loss": loss_value})
     progress.close()
     seconds = seconds_before + time.perf_counter() - clock
     return TrainResult(steps=steps, seconds=seconds, tokens=tokens, final_loss=loss_value, resumed_from=start,

@@ -6,16 +6,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.methods import PruneStep, save_state, trainable_named
+from rigsa.methods import (Calibration, no_pruning, no_sparse_stats, nothing_after_step, one_param_group, save_state,
+                           trainable_named)
 
 
 class FullFineTuning:
-    def __init__(self, name: str = "full", train_embeddings: bool = True, **_ignored):
+    prunes = False
+    param_groups = one_param_group
+    after_step = nothing_after_step
+    prune = no_pruning
+    stats = no_sparse_stats
+
+    def __init__(self, *, name: str, train_embeddings: bool):
         self.name = name
-        self.train_embeddings = train_embeddings
+        self.train_embeddings = bool(train_embeddings)
         self.model: nn.Module | None = None
 
-    def attach(self, model: nn.Module, calib=None) -> nn.Module:
+    def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         if not self.train_embeddings:
@@ -26,9 +33,6 @@ class FullFineTuning:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(trainable_named(self.model).values())
-
-    def prune(self, step: PruneStep) -> dict[str, float]:
-        return {}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return dict(trainable_named(self.model))

@@ -10,15 +10,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.methods import PruneStep, freeze, save_state, untie_head
+from rigsa.methods import (Calibration, freeze, no_pruning, no_sparse_stats, nothing_after_step, one_param_group,
+                           save_state, untie_head)
 
 
 class HeadOnly:
-    def __init__(self, name: str = "head", **_ignored):
+    prunes = False
+    param_groups = one_param_group
+    after_step = nothing_after_step
+    prune = no_pruning
+    stats = no_sparse_stats
+
+    def __init__(self, *, name: str):
         self.name = name
         self.head: nn.Module | None = None
 
-    def attach(self, model: nn.Module, calib=None) -> nn.Module:
+    def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         freeze(model)
         untie_head(model)
         self.head = model.get_output_embeddings()
@@ -26,9 +33,6 @@ class HeadOnly:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.head.weight]
-
-    def prune(self, step: PruneStep) -> dict[str, float]:
-        return {}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {"lm_head.weight": self.head.weight}

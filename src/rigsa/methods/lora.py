@@ -1,12 +1,18 @@
 """LoRA, DoRA and QLoRA through peft (QLoRA's 4-bit base through bitsandbytes)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rigsa.methods import PruneStep, freeze, trainable_named
+from rigsa.config import fail
+from rigsa.methods import (Calibration, freeze, no_pruning, no_sparse_stats, nothing_after_step, one_param_group,
+                           trainable_named)
+
+# Beside PEFT's own files: what `rigsa.apply.apply_adapter` needs to rebuild the base it was trained on.
+BASE_FILE = "rigsa_adapter.json"
 
 
 def quantize_linear_layers(model: nn.Module, quant_type: str = "nf4", skip: tuple[str, ...] = ("lm_head",)) -> int:
@@ -33,9 +39,20 @@ def quantize_linear_layers(model: nn.Module, quant_type: str = "nf4", skip: tupl
 
 
 class PeftLora:
-    def __init__(self, name: str = "lora", r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 target_modules=("all-linear",), use_dora: bool = False, load_in_4bit: bool = False,
-                 quant_type: str = "nf4", **_ignored):
+    prunes = False
+    param_groups = one_param_group
+    after_step = nothing_after_step
+    prune = no_pruning
+    stats = no_sparse_stats
+
+    def __init__(self, *, name: str, r: int, alpha: float, dropout: float, target_modules: list[str], use_dora: bool,
+                 load_in_4bit: bool, quant_type: str):
+        if r < 1:
+            fail("method.r", r, "a rank >= 1", "pass method.r=8")
+        if not 0 <= dropout < 1:
+            fail("method.dropout", dropout, "0 <= dropout < 1", "pass method.dropout=0.0")
+        if load_in_4bit and quant_type not in ("nf4", "fp4"):
+            fail("method.quant_type", quant_type, "nf4 or fp4", "pass method.quant_type=nf4")
         self.name = name
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
         self.target_modules = list(target_modules)
@@ -49,7 +66,7 @@ class PeftLora:
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
                           use_dora=self.use_dora, task_type="CAUSAL_LM", bias="none")
 
-    def attach(self, model: nn.Module, calib=None) -> nn.Module:
+    def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         from peft import get_peft_model
 
         freeze(model)
@@ -61,9 +78,6 @@ class PeftLora:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(trainable_named(self.model).values())
 
-    def prune(self, step: PruneStep) -> dict[str, float]:
-        return {}
-
     def adapter_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
@@ -72,4 +86,6 @@ class PeftLora:
     def save(self, directory: Path) -> list[Path]:
         """PEFT's own format: adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained loads it)."""
         self.model.save_pretrained(str(directory))
+        base = {"method": self.name, "load_in_4bit": self.load_in_4bit, "quant_type": self.quant_type}
+        (directory / BASE_FILE).write_text(json.dumps(base, indent=2))
         return sorted(path for path in directory.iterdir() if path.is_file())

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rigsa.methods import PruneStep, freeze, trainable_named
-from rigsa.methods import replace_module
+from rigsa.config import fail
+from rigsa.methods import Calibration, PruneStep, freeze, nothing_after_step, replace_module, save_state, trainable_named
 from rigsa.sparse import adapter as sparse_adapter
 from rigsa.sparse.engine import SparseDeltaLinear
 from rigsa.sparse.targets import find_targets
@@ -61,11 +61,15 @@ def initial_delta(shape: torch.Size, distribution: str, init_scale: float, seed:
 
 
 class Rigsa:
-    def __init__(self, name: str = "rigsa", target_modules=("all-linear",), init: str = "normal",
-                 init_scale: float = 0.1, gate_init: float = 1e-6, gate: str = "layer", weight_decay: float = 1.0,
-                 seed: int = 0, **_ignored):
+    prunes = True
+    after_step = nothing_after_step
+
+    def __init__(self, *, name: str, target_modules: list[str], init: str, init_scale: float, gate_init: float,
+                 gate: str, weight_decay: float, seed: int):
         if gate not in ("layer", "global"):
-            raise ValueError(f"method.gate={gate!r}: expected layer or global")
+            fail("method.gate", gate, "layer or global", "pass method.gate=layer")
+        if init not in ("normal", "uniform"):
+            fail("method.init", init, "normal or uniform", "pass method.init=normal")
         self.name, self.target_modules = name, list(target_modules)
         self.init, self.init_scale, self.gate_init, self.gate_scope = init, float(init_scale), float(gate_init), gate
         self.weight_decay, self.seed = float(weight_decay), int(seed)
@@ -73,7 +77,7 @@ class Rigsa:
         self.layer_seeds: dict[str, int] = {}
         self.target_numel = 0
 
-    def attach(self, model: nn.Module, calib=None) -> nn.Module:
+    def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         freeze(model)
         targets = find_targets(model, self.target_modules)
         shared = nn.Parameter(torch.tensor(self.gate_init)) if self.gate_scope == "global" else None
@@ -92,8 +96,9 @@ class Rigsa:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(trainable_named(self.model).values())
 
-    def param_groups(self) -> list[dict]:
-        """Weight decay on the delta values only, never on the gates."""
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay method.weight_decay on the delta values only (the paper's 1.0, not train.weight_decay),
+        never on the gates."""
         named = trainable_named(self.model)
         gates = [p for name, p in named.items() if name.endswith("gate")]
         values = [p for name, p in named.items() if not name.endswith("gate")]
@@ -167,7 +172,5 @@ class Rigsa:
 
     def save(self, directory: Path) -> list[Path]:
         if any(isinstance(layer, DenseGatedLinear) for layer in self.layers().values()):
-            from rigsa.methods import save_state
-
             return save_state(self.adapter_state(), directory, {"method": self.name, **self.stats()})
         return sparse_adapter.save(self.model, self.adapter_state(), directory, {"method": self.name, **self.stats()})

@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.methods import PruneStep, freeze, replace_module, trainable_named, untie_head
+from rigsa.config import fail
+from rigsa.methods import (Calibration, freeze, no_pruning, one_param_group, replace_module, trainable_named,
+                           untie_head)
 from rigsa.sparse import adapter as sparse_adapter
 from rigsa.sparse.engine import SparseDeltaLinear, sparse_layers
-from rigsa.sparse.selection import NEEDS_GRADIENT, select
-from rigsa.sparse.targets import find_targets, lora_layer_counts, resolve_budget
+from rigsa.sparse.selection import NEEDS_GRADIENT, RULES, select
+from rigsa.sparse.targets import check_budget, find_targets, lora_layer_counts, resolve_budget
 
 
 def calibration_gradients(model: nn.Module, targets: dict[str, nn.Linear], calib, loss_fn) -> dict[str, torch.Tensor]:
@@ -42,33 +44,41 @@ def calibration_gradients(model: nn.Module, targets: dict[str, nn.Linear], calib
 
 
 class SparseMask:
-    def __init__(self, name: str, selection: str = "random", target_modules=("sparta",), budget=None,
-                 scope: str = "per_tensor", block_size: int = 0, calib_batches: int = 4, eps: float = 1e-8,
-                 train_head: bool = False, reselect_every: int = 0, seed: int = 0, **_ignored):
+    prunes = False
+    param_groups = one_param_group
+    prune = no_pruning
+
+    def __init__(self, *, name: str, selection: str, target_modules: list[str], budget: dict, scope: str,
+                 block_size: int, calib_batches: int, eps: float, train_head: bool, reselect_every: int, seed: int):
+        check_budget(budget)
+        if selection not in RULES:
+            fail("method.selection", selection, f"one of {list(RULES)}", "pass method.selection=random")
+        if block_size < 0 or scope not in ("per_tensor", "global"):
+            fail("method.scope", scope, "per_tensor or global (block_size >= 0)", "pass method.scope=per_tensor")
         self.name, self.selection, self.scope = name, selection, scope
         self.target_modules = list(target_modules)
-        self.budget = dict(budget or {"density": 0.005})
+        self.budget = dict(budget)
         self.block_size, self.calib_batches, self.eps = int(block_size), int(calib_batches), float(eps)
         self.train_head, self.seed = bool(train_head), int(seed)
         self.reselect_every = int(reselect_every)
         self.model: nn.Module | None = None
         self.head: nn.Parameter | None = None
+        self.loss = None  # the task's loss, from `attach`'s calibration: SNIP re-selection scores with it
         self.target_numel = 0
 
-    def attach(self, model: nn.Module, calib=None) -> nn.Module:
+    def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         from omegaconf import OmegaConf
 
-        from rigsa.evaluate import answer_loss
-
         freeze(model)
+        self.loss = calibration.loss
         targets = find_targets(model, self.target_modules)
         budget = OmegaConf.create(self.budget)
         total = resolve_budget(budget, model, targets)
         counts = lora_layer_counts(model, budget, targets) if self.scope == "per_tensor" and not self.block_size else None
         grads = None
         if self.selection in NEEDS_GRADIENT:
-            batches = [] if calib is None else [batch for _, batch in zip(range(self.calib_batches), calib)]
-            grads = calibration_gradients(model, targets, batches, answer_loss)
+            batches = [batch for _, batch in zip(range(self.calib_batches), calibration.batches)]
+            grads = calibration_gradients(model, targets, batches, self.loss)
         weights = {name: layer.weight for name, layer in targets.items()}
         indices = select(self.selection, weights, total, grads=grads, scope=self.scope, block_size=self.block_size,
                          eps=self.eps, seed=self.seed, counts=counts)
@@ -87,8 +97,6 @@ class SparseMask:
         positions start at zero. Returns {"reselect/moved": fraction of positions that changed}."""
         if not self.reselect_every or self.selection == "random" or step % self.reselect_every or step > steps_per_epoch:
             return {}
-        from rigsa.evaluate import answer_loss
-
         layers = sparse_layers(self.model)
         for layer in layers.values():
             layer.merge()
@@ -96,7 +104,7 @@ class SparseMask:
         for parameter in trainable:  # the layers fall back to a plain linear: a dense gradient, once
             parameter.requires_grad_(False)
         try:
-            grads = calibration_gradients(self.model, layers, [batch], answer_loss)
+            grads = calibration_gradients(self.model, layers, [batch], self.loss)
         finally:
             for parameter in trainable:
                 parameter.requires_grad_(True)
@@ -116,9 +124,6 @@ class SparseMask:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(trainable_named(self.model).values())
-
-    def prune(self, step: PruneStep) -> dict[str, float]:
-        return {}
 
     def stats(self) -> dict:
         values = sum(layer.indices.numel() for layer in sparse_layers(self.model).values())

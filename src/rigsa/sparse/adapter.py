@@ -80,7 +80,7 @@ def load(model: nn.Module, directory: str | Path, merge: bool = True) -> nn.Modu
         raise AdapterMismatch(f"this adapter was trained on a different base model ({meta.get('base_model')!r}, "
                               f"fingerprint {meta['base_fingerprint'][:12]}…; this model's targeted weights hash to "
                               f"{found[:12]}…): load the base model it was trained on")
-    from rigsa.methods import replace_module
+    from rigsa.methods import load_head, replace_module
 
     for name in layers:
         base = model.get_submodule(name)
@@ -90,9 +90,7 @@ def load(model: nn.Module, directory: str | Path, merge: bool = True) -> nn.Modu
         else:
             replace_module(model, name, layer)
     if "lm_head.weight" in tensors:
-        head = model.get_output_embeddings()
-        head.weight = nn.Parameter(tensors["lm_head.weight"].to(head.weight.dtype), requires_grad=False)
-        model.config.tie_word_embeddings = False
+        load_head(model, tensors["lm_head.weight"])
     return model
 
 

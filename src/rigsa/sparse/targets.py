@@ -8,10 +8,13 @@ paper's random-mask baseline uses the final RIGSA budget this way).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from torch import nn
+
+from rigsa.config import fail
 
 # SpaRTA's default (seed 001): attention value and output projections.
 PRESETS = {
@@ -61,10 +64,27 @@ def lora_layer_counts(model: nn.Module, budget, targets: dict[str, nn.Linear]) -
     return {name: budget.r * (layer.in_features + layer.out_features) for name, layer in targets.items()}
 
 
+def check_budget(budget) -> str:
+    """Exactly one budget, its value in range; return which one. (The count needs the model: resolve_budget.)"""
+    chosen = [key for key in ("density", "params", "match", "from_run") if budget.get(key) not in (None, "", 0)]
+    if len(chosen) != 1:
+        fail("method.budget", chosen, "exactly one of density, params, match, from_run",
+             "set the others to null, e.g. method.budget.density=null method.budget.params=100000")
+    key = chosen[0]
+    if key == "density" and not 0 < budget["density"] <= 1:
+        fail("method.budget.density", budget["density"], "0 < density <= 1", "pass method.budget.density=0.005")
+    if key == "params" and budget["params"] < 1:
+        fail("method.budget.params", budget["params"], "a count >= 1", "pass method.budget.params=100000")
+    if key == "match" and budget["match"] != "lora":
+        fail("method.budget.match", budget["match"], "lora", "pass method.budget.match=lora method.budget.r=8")
+    if key == "from_run" and not os.path.exists(os.path.join(os.path.expanduser(budget["from_run"]), "results.json")):
+        fail("method.budget.from_run", budget["from_run"], "a finished run directory (with results.json)",
+             "point it at runs/<name> of a finished run")
+    return key
+
+
 def resolve_budget(budget, model: nn.Module, targets: dict[str, nn.Linear]) -> int:
     """The number of trainable values a budget config buys on `targets`."""
-    from rigsa.config import check_budget
-
     key = check_budget(budget)  # exactly one budget, its value in range (ConfigError otherwise)
     total = sum(layer.weight.numel() for layer in targets.values())
     if key == "density":

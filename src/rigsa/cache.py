@@ -1,0 +1,57 @@
+"""The on-disk cache of base-model scores, and the one way rigsa writes a file that others may read.
+
+The cache ($RIGSA_CACHE/<kind>/<sha256 of the key>.json) serves the base model's target scores
+(run.py) and its forgetting-suite scores (forgetting.py): each is computed once per key, then read.
+Every write (cache entries, results.json, checkpoints) goes to a temporary file with a unique name
+in the destination's folder and is then renamed over the destination: a reader sees the old file
+or the new one, never a partial one, and two jobs of a sweep writing the same key never share a
+temporary file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from rigsa.assets import cache_root
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when the way a cached score is computed changes
+
+
+def scores_root() -> Path:
+    """Where cached scores live (tests point it at a temporary folder)."""
+    return cache_root()
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(temporary path) in path's folder, then rename the temporary file over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    replace_atomically(path, lambda temporary: temporary.write_text(text))
+
+
+def cached(kind: str, key_parts: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """Return (result, was_cached): `compute()` once per key, then read from the cache folder `kind`."""
+    key = hashlib.sha256(json.dumps({**key_parts, "cache_version": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()
+    path = scores_root() / kind / f"{key}.json"
+    if path.exists():
+        log.info("base %s: cache hit (%s)", kind, path)
+        return json.loads(path.read_text())["result"], True
+    result = compute()
+    write_text_atomically(path, json.dumps({"key": key_parts, "result": result}, indent=2))
+    return result, False

@@ -39,3 +39,39 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return _finish_tokenizer(AutoTokenizer.from_pretrained(str(assets.locate("smollm2_135m"))))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tokenizer):
+    """Textual MNIST 7x7 for the tiny model: 32 training digits, 20 test digits."""
+    from rigsa.tasks import build_task
+
+    return build_task(compose(TINY + ["task.train_size=32", "task.test_size=20"]).task, tokenizer, 1024)
+
+
+def attach_method(cfg, data=None, model=None):
+    """(model, method): `model` (default: a fresh tiny model) with cfg's method attached, calibrated on data's
+    training batches."""
+    import torch
+
+    from rigsa.evaluate import answer_loss
+    from rigsa.methods import Calibration, build_method
+    from rigsa.models import load_model
+    from rigsa.run import calibration_batches
+
+    model = load_model(cfg.model, 0)[0] if model is None else model
+    method = build_method(cfg.method)
+    batches = [] if data is None else calibration_batches(data, cfg, torch.device("cpu"))
+    return method.attach(model, Calibration(batches, answer_loss)), method
+
+
+def train_steps(model, method, cfg, data, checkpoint_path, steps: int, lr: float):
+    """Train `steps` optimizer steps at a constant lr in float32 (the TrainResult)."""
+    import torch
+
+    from rigsa.train import train
+
+    train_cfg = cfg.train.copy()
+    train_cfg.max_steps, train_cfg.lr, train_cfg.lr_schedule = steps, lr, "constant"
+    return train(model, method, data, train_cfg, seed=0, device=torch.device("cpu"), dtype="float32",
+                 eval_batch_size=8, checkpoint_path=checkpoint_path, log_metrics=lambda metrics, step: None)

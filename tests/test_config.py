@@ -92,3 +92,121 @@ def test_cli_bad_value_exits_with_one_clean_message(tmp_path):
     assert result.returncode == 2
     assert "rigsa-run: error: train.lr=-1.0 is invalid: expected a number > 0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- each setting declared once
+def schema_classes():
+    import dataclasses
+
+    from rigsa import config
+
+    found = {name: obj for name, obj in vars(config).items()
+             if isinstance(obj, type) and dataclasses.is_dataclass(obj) and name.endswith("Config")}
+    assert {"RigsaConfig", "TrainConfig", "ModelConfig", "TinyModelConfig", "SparseMaskMethodConfig", "BudgetConfig",
+            "EvalConfig", "ForgettingTaskConfig"} <= set(found)  # the walk sees the schema (not an empty list)
+    return list(found.values())
+
+
+def test_the_schema_declares_names_and_types_but_no_values():
+    """Values live in conf/ only. The one exception: a suite entry's optional fields (an entry written in an
+    override has no YAML to inherit from)."""
+    import dataclasses
+
+    from omegaconf import MISSING
+
+    allowed = {("ForgettingTaskConfig", name) for name in ("num_fewshot", "limit", "data_files")}
+    written = []
+    for schema in schema_classes():
+        for field in dataclasses.fields(schema):
+            has_value = field.default is not MISSING or field.default_factory is not dataclasses.MISSING
+            if has_value and (schema.__name__, field.name) not in allowed:
+                written.append(f"{schema.__name__}.{field.name}")
+    assert written == []
+
+
+def compose_option(group: str, option: str, tmp_path):
+    extra = {("model", "local"): [f"model.path={tmp_path}"]}.get((group, option), [])
+    if group == "method" and option != "rigsa":
+        extra = ["pruning=none"]
+    return compose([f"{group}={option}", *extra])
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_sets_every_field_its_schema_declares(group, option, tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = compose_option(group, option, tmp_path)
+    assert OmegaConf.missing_keys(cfg) == set()
+
+
+@pytest.mark.parametrize("option", options("method"))
+def test_method_constructors_take_exactly_their_schema_fields_without_defaults(option):
+    import inspect
+
+    from hydra.utils import get_class
+
+    from rigsa.methods import constructor_fields
+
+    cfg = compose([f"method={option}", "pruning=none"])
+    method_class = get_class(cfg.method._target_)
+    assert constructor_fields(method_class) == set(cfg.method) - {"_target_"}
+    parameters = inspect.signature(method_class).parameters.values()
+    assert all(p.default is inspect.Parameter.empty and p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+
+
+def protocol_members():
+    import inspect
+
+    from rigsa.methods import Method
+
+    return {name: member for name, member in vars(Method).items()
+            if inspect.isfunction(member) and not name.startswith("_")}
+
+
+@pytest.mark.parametrize("option", options("method"))
+def test_every_method_implements_the_whole_protocol(option):
+    import inspect
+
+    from rigsa.methods import build_method
+
+    method = build_method(compose([f"method={option}", "pruning=none"]).method)
+    assert isinstance(method.name, str) and isinstance(method.prunes, bool)
+    assert set(protocol_members()) == {"attach", "trainable_parameters", "param_groups", "after_step", "prune",
+                                       "stats", "adapter_state", "save"}
+    for name, declared in protocol_members().items():
+        bound = getattr(method, name)
+        expected = list(inspect.signature(declared).parameters)[1:]  # without self
+        assert list(inspect.signature(bound).parameters) == expected, f"{option}.{name}"
+
+
+def test_pruning_asks_the_method_whether_it_prunes():
+    from rigsa.methods import build_method
+
+    prunes = {option: build_method(compose([f"method={option}", "pruning=none"]).method).prunes
+              for option in options("method")}
+    assert [option for option, value in prunes.items() if value] == ["rigsa"]
+
+
+BASES = {"method": ("sparta", "lora"), "eval": ("target",), "logger": ("wandb",), "model": ("smollm2_135m",),
+         "pruning": ("imp",)}
+# Options that share no family (every one of their fields is their own). A new option either starts from a
+# family base above or is listed here.
+STANDALONE = {("method", "rigsa"), ("method", "full"), ("method", "head"), ("task", "textual_mnist"),
+              ("pruning", "none")}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_a_variant_writes_only_what_differs_from_its_family_base(group, option, tmp_path):
+    """A YAML whose defaults start from another option of its group sets no key to the base's own value."""
+    from omegaconf import OmegaConf
+
+    from rigsa.config import CONF_DIR
+
+    raw = OmegaConf.load(f"{CONF_DIR}/{group}/{option}.yaml")
+    bases = [entry for entry in raw.get("defaults", []) if isinstance(entry, str) and entry in BASES.get(group, ())]
+    if not bases:
+        assert option in BASES.get(group, ()) or (group, option) in STANDALONE
+        return
+    base = compose_option(group, bases[0], tmp_path)[group]
+    repeated = [key for key, value in raw.items() if key != "defaults" and key in base and base[key] == value]
+    assert repeated == [], f"{group}/{option}.yaml repeats {repeated} from {bases[0]}.yaml"

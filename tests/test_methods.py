@@ -5,48 +5,41 @@ import pytest
 import torch
 
 from rigsa.config import compose, options
-from rigsa.evaluate import answer_logits, answer_loss, target_accuracy
-from rigsa.methods import Calibration, build_method, trainable_named
-from rigsa.sparse.engine import sparse_layers, unmerge_all
+from rigsa.evaluate import answer_logits, target_accuracy
+from rigsa.methods import trainable_named
 from rigsa.models import load_model
-from rigsa.run import calibration_batches
-from rigsa.tasks import build_task
+from rigsa.sparse.engine import sparse_layers, unmerge_all
 from rigsa.train import train
 
-from conftest import TINY
+from conftest import TINY, attach_method, train_steps
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny_setup():
-    cfg = compose(TINY + ["task.train_size=32", "task.test_size=20"])
-    _, tokenizer = load_model(cfg.model, 0)
-    return cfg, build_task(cfg.task, tokenizer, 1024)
-
-
-def attach(method_name: str, data=None, overrides=()):
+def method_cfg(method_name: str, overrides=()):
     cfg = compose(TINY + [f"method={method_name}", *overrides])
     if "budget" in cfg.method:  # the default 0.5% of a 64-wide random model learns too little in 12 steps
         cfg = compose(TINY + [f"method={method_name}", "method.budget.density=0.1", *overrides])
+    return cfg
+
+
+def attach(method_name: str, data=None, overrides=()):
+    """(cfg, model, method, the base's parameters, a copy of their values before attach)."""
+    cfg = method_cfg(method_name, overrides)
     model, _ = load_model(cfg.model, 0)
     originals = dict(model.named_parameters())
     snapshot = {name: tensor.detach().clone() for name, tensor in originals.items()}
-    method = build_method(cfg.method)
-    model = method.attach(model, Calibration([] if data is None else calibration_batches(data, cfg, CPU), answer_loss))
+    model, method = attach_method(cfg, data, model)
     return cfg, model, method, originals, snapshot
 
 
 def run_steps(model, method, cfg, data, path, steps: int, lr: float):
-    train_cfg = cfg.train.copy()
-    train_cfg.max_steps, train_cfg.lr, train_cfg.lr_schedule = steps, lr, "constant"
-    return train(model, method, data, train_cfg, seed=0, device=CPU, dtype="float32", eval_batch_size=8,
-                 checkpoint_path=path / "state.pt", log_metrics=lambda metrics, step: None)
+    return train_steps(model, method, cfg, data, path / "state.pt", steps, lr)
 
 
 @pytest.mark.parametrize("method_name", options("method"))
-def test_method_trains_and_changes_only_its_parameters(method_name, tiny_setup, tmp_path):
-    _, data = tiny_setup
+def test_method_trains_and_changes_only_its_parameters(method_name, tiny_data, tmp_path):
+    data = tiny_data
     cfg, model, method, originals, snapshot = attach(method_name, data)
     merged = {id(layer.weight) for layer in sparse_layers(model).values()}  # hold base + delta: checked below
     frozen = {name: p.detach().clone() for name, p in model.named_parameters()
@@ -90,12 +83,12 @@ def test_head_unties_the_output_head_from_the_embeddings():
     assert [name for name, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]
 
 
-def test_qlora_quantizes_the_base_and_keeps_learning_after_an_evaluation(tiny_setup, tmp_path):
+def test_qlora_quantizes_the_base_and_keeps_learning_after_an_evaluation(tiny_data, tmp_path):
     """bitsandbytes on this CPU: after a no-grad forward the 4-bit weights can be repacked for the
     avx512-bf16 path and later gradients are silently zero. Train -> evaluate -> train must still learn."""
     import bitsandbytes as bnb
 
-    _, data = tiny_setup
+    data = tiny_data
     cfg, model, method, _, _ = attach("qlora")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
@@ -120,10 +113,10 @@ def test_qlora_quantizes_the_base_and_keeps_learning_after_an_evaluation(tiny_se
     assert train_loss_and_grads()[0] < loss_before - 0.1
 
 
-def test_snip_reselection_moves_the_mask_during_the_first_epoch_only(tiny_setup, tmp_path):
+def test_snip_reselection_moves_the_mask_during_the_first_epoch_only(tiny_data, tmp_path):
     from rigsa.sparse.engine import sparse_layers
 
-    _, data = tiny_setup
+    data = tiny_data
     cfg, model, method, _, _ = attach("snip", data, ["method.reselect_every=2", "method.budget.density=0.02"])
     counts = {name: layer.indices.numel() for name, layer in sparse_layers(model).items()}
     logged = []
@@ -134,3 +127,30 @@ def test_snip_reselection_moves_the_mask_during_the_first_epoch_only(tiny_setup,
     moved = {step: metrics["reselect/moved"] for step, metrics in logged if "reselect/moved" in metrics}
     assert sorted(moved) == [2, 4] and any(value > 0 for value in moved.values())  # steps 6, 8: past epoch 1
     assert {name: layer.indices.numel() for name, layer in sparse_layers(model).items()} == counts
+
+
+def test_selection_scores_with_the_loss_attach_is_given(tiny_data):
+    """No method imports the task's loss: gallop/snip score calibration gradients with the one passed in."""
+    from rigsa.evaluate import answer_loss
+    from rigsa.methods import Calibration, build_method
+    from rigsa.run import calibration_batches
+
+    cfg = method_cfg("snip")
+    seen = []
+
+    def counting_loss(model, batch):
+        seen.append(batch["input_ids"].shape[0])
+        return answer_loss(model, batch)
+
+    def selected(loss):
+        model, _ = load_model(cfg.model, 0)
+        method = build_method(cfg.method)
+        method.attach(model, Calibration(calibration_batches(tiny_data, cfg, CPU), loss))
+        return {name: layer.indices.clone() for name, layer in sparse_layers(model).items()}
+
+    chosen = selected(counting_loss)
+    assert seen == [8] * cfg.method.calib_batches  # four training micro-batches of 8
+    negated = selected(lambda model, batch: -answer_loss(model, batch))  # |g * w| is sign-blind: same mask
+    assert all(torch.equal(chosen[name], negated[name]) for name in chosen)
+    squared = selected(lambda model, batch: answer_loss(model, batch) ** 2)  # another loss, another mask
+    assert any(not torch.equal(chosen[name], squared[name]) for name in chosen)

@@ -86,3 +86,32 @@ def test_target_accuracy_on_a_prefix_equals_the_accuracy_of_the_prefix_alone(tin
     args = (data.answer_token_ids, 4, torch.device("cpu"), "float32")
     assert evaluate.target_accuracy(model, data.test, *args, limit=13) == evaluate.target_accuracy(model, prefix, *args)
     assert evaluate.target_accuracy(model, data.test, *args, limit=0)["n"] == 40
+
+
+def test_budget_from_run_trains_as_many_values_as_the_finished_run(tiny_cfg, tmp_path, private_cache):
+    rigsa = run(tiny_cfg("method=rigsa", "pruning=imp", "pruning.iterations=3", "pruning.steps_per_iteration=1",
+                         "pruning.final_retrain_steps=1", "eval=none"), tmp_path / "rigsa")
+    assert rigsa["sparse"]["values"] == 73728 // 8  # the 14 layers' 73,728 weights halved three times
+    from_run = ["method=random_mask", "method.budget.density=null", f"method.budget.from_run={tmp_path / 'rigsa'}",
+                "eval=none"]
+    exact = run(tiny_cfg(*from_run, "method.selection=magnitude", "run.name=exact"), tmp_path / "exact")
+    assert exact["sparse"]["values"] == exact["trainable_params"] == 9216  # the mask's gates stay frozen
+    random = run(tiny_cfg(*from_run, "run.name=random"), tmp_path / "random")  # Bernoulli(p): the count in expectation
+    assert abs(random["sparse"]["values"] - 9216) < 4 * 9216 ** 0.5
+
+
+def test_eval_every_logs_the_validation_accuracy_of_the_model_at_that_step(tiny_cfg, tmp_path, private_cache):
+    from rigsa.apply import apply_adapter
+    from rigsa.models import load_model
+    from rigsa.tasks import build_task
+
+    cfg = tiny_cfg("train.eval_every=2", "task.val_size=30", "train.lr=1e-2", "eval=none")
+    run(cfg, tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {line["step"]: line["val/accuracy"] for line in lines if "val/accuracy" in line}
+    assert sorted(logged) == [2, 4]
+    model, tokenizer = load_model(cfg.model, cfg.seed)  # the final adapter (step 4), measured independently
+    data = build_task(cfg.task, tokenizer, cfg.train.max_seq_len)
+    adapted = apply_adapter(model, tmp_path / "run" / "adapter")
+    expected = evaluate.target_accuracy(adapted, data.val, data.answer_token_ids, 16, torch.device("cpu"), "float32")
+    assert expected["n"] == 30 and logged[4] == pytest.approx(expected["accuracy"])

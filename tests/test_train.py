@@ -86,3 +86,59 @@ def test_rigsa_run_interrupted_between_prunes_resumes_to_the_same_adapter(tiny_c
     b = load_file(str(tmp_path / "resumed" / "adapter" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
     assert resumed["train"]["steps"] == 8 and resumed["sparse"]["density"] == pytest.approx(0.25)
+    # iteration1 replayed from its final checkpoint, iteration2 from step 1 (the crash was in its step 2)
+    assert resumed["train"]["resumed_from_step"] == {"iteration1": 3, "iteration2": 1, "final_retrain": 0}
+    assert metrics_without_timings(tmp_path / "resumed") == metrics_without_timings(tmp_path / "reference")
+
+
+TIMINGS = ("train/tokens_per_second",)
+
+
+def metrics_without_timings(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in line.items() if key not in TIMINGS} for line in lines]
+
+
+RIGSA_SHORT = ("eval=none", "method=rigsa", "pruning=imp", "pruning.iterations=2", "pruning.steps_per_iteration=2",
+               "pruning.final_retrain_steps=2", "train.checkpoint_every=1")
+
+
+@pytest.mark.parametrize("kill_point", ["before a phase's imp row", "before results.json"])
+def test_a_kill_between_a_checkpoint_and_what_follows_it_resumes_to_the_same_files(kill_point, tiny_cfg, tmp_path,
+                                                                                    monkeypatch):
+    """A phase's imp/* row is logged after its last checkpoint, results.json after the final one: a kill in
+    between must still give the uninterrupted run's metrics.jsonl and results (final_loss included)."""
+    reference = run(tiny_cfg(*RIGSA_SHORT), tmp_path / "reference")
+    original_log, original_finish = tracking.Tracker.log, tracking.Tracker.finish
+
+    def crash_before_first_imp_row(self, metrics, step, **kwargs):
+        if "imp/density" in metrics:
+            raise KeyboardInterrupt("killed after iteration1's last checkpoint")
+        original_log(self, metrics, step, **kwargs)
+
+    def crash_before_results(self, results, *args):
+        raise KeyboardInterrupt("killed after the final checkpoint")
+
+    if kill_point == "before results.json":
+        monkeypatch.setattr(tracking.Tracker, "finish", crash_before_results)
+    else:
+        monkeypatch.setattr(tracking.Tracker, "log", crash_before_first_imp_row)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_cfg(*RIGSA_SHORT), tmp_path / "resumed")
+    monkeypatch.setattr(tracking.Tracker, "log", original_log)
+    monkeypatch.setattr(tracking.Tracker, "finish", original_finish)
+    resumed = run(tiny_cfg(*RIGSA_SHORT), tmp_path / "resumed")
+    assert metrics_without_timings(tmp_path / "resumed") == metrics_without_timings(tmp_path / "reference")
+    assert resumed["train"]["final_loss"] == reference["train"]["final_loss"] is not None
+    assert resumed["iterations"] == reference["iterations"]
+
+
+def test_the_resume_step_is_the_latest_global_step_read_without_loading_tensors(tiny_cfg, tmp_path, monkeypatch):
+    from rigsa import checkpoints
+
+    run(tiny_cfg(*RIGSA_SHORT), tmp_path / "run")
+    mapped = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: mapped.append(k.get("mmap")) or real(*a, **k))
+    assert checkpoints.resume_step(tmp_path / "run") == 6 and mapped == [True, True, True]  # 3 phases, 6 steps
+    assert checkpoints.resume_step(tmp_path / "nothing") == 0

@@ -7,7 +7,7 @@ unknown key or a wrong type fails when Hydra composes the config. `validate` the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -18,123 +18,47 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key, the value, and the fix."""
 
 
-# Every field is MISSING here: the schema gives names and types, the YAML files in conf/ give every
-# value and its help text (one place each; tests/test_config.py checks that they agree). The one
-# exception is ForgettingTaskConfig's optional fields: a suite entry written in a command-line
-# override has no YAML to inherit from, so None (= lm-eval's own default) is declared here.
+# The schema gives names and types only: `declare` makes every field MISSING, so no value can be written
+# here. The YAML files in conf/ give every value and its help text (one place each; tests/test_config.py
+# checks that they agree). The one exception is ForgettingTaskConfig's optional fields: a suite entry
+# written in a command-line override has no YAML to inherit from, so None (= lm-eval's default) is here.
+def declare(class_name: str, base: type | None = None, /, **types: Any) -> type:
+    """A structured-config dataclass (extending `base`) whose fields have these types and no value."""
+    fields = [(field_name, kind, field(default=MISSING)) for field_name, kind in types.items()]
+    return make_dataclass(class_name, fields, bases=(base,) if base else ())
+
+
+OptionalText = Optional[str]
+Names = List[str]
 
 # ---------------------------------------------------------------- model
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    source: str = MISSING
-    hub_id: Optional[str] = MISSING
-    revision: Optional[str] = MISSING
-    path: Optional[str] = MISSING
-
-
-@dataclass
-class TinyModelConfig(ModelConfig):
-    """source=tiny: the random-init Llama's shape."""
-    hidden_size: int = MISSING
-    num_layers: int = MISSING
-    num_heads: int = MISSING
-    num_kv_heads: int = MISSING
-    intermediate_size: int = MISSING
-
+ModelConfig = declare("ModelConfig", name=str, source=str, hub_id=OptionalText, revision=OptionalText,
+                      path=OptionalText)
+TinyModelConfig = declare("TinyModelConfig", ModelConfig,  # source=tiny: the random-init Llama's shape
+                          hidden_size=int, num_layers=int, num_heads=int, num_kv_heads=int, intermediate_size=int)
 
 # ---------------------------------------------------------------- methods
-# A method's constructor takes exactly its schema's fields (tests/test_config.py checks it).
-@dataclass
-class MethodConfig:
-    _target_: str = MISSING
-    name: str = MISSING
-
-
-@dataclass
-class FullMethodConfig(MethodConfig):
-    train_embeddings: bool = MISSING
-
-
-@dataclass
-class HeadMethodConfig(MethodConfig):
-    pass
-
-
-@dataclass
-class LoraMethodConfig(MethodConfig):
-    r: int = MISSING
-    alpha: float = MISSING
-    dropout: float = MISSING
-    target_modules: List[str] = MISSING
-    use_dora: bool = MISSING
-    load_in_4bit: bool = MISSING
-    quant_type: str = MISSING
-
-
-@dataclass
-class BudgetConfig:
-    density: Optional[float] = MISSING
-    params: Optional[int] = MISSING
-    match: Optional[str] = MISSING
-    r: int = MISSING
-    target_modules: List[str] = MISSING
-    from_run: Optional[str] = MISSING
-
-
-@dataclass
-class SparseMaskMethodConfig(MethodConfig):
-    selection: str = MISSING
-    target_modules: List[str] = MISSING
-    budget: BudgetConfig = MISSING
-    scope: str = MISSING
-    block_size: int = MISSING
-    calib_batches: int = MISSING
-    eps: float = MISSING
-    train_head: bool = MISSING
-    reselect_every: int = MISSING
-    seed: int = MISSING
-
-
-@dataclass
-class RigsaMethodConfig(MethodConfig):
-    target_modules: List[str] = MISSING
-    init: str = MISSING
-    init_scale: float = MISSING
-    gate_init: float = MISSING
-    gate: str = MISSING
-    weight_decay: float = MISSING
-    seed: int = MISSING
-
+# A method's constructor takes exactly its schema's fields but _target_ (tests/test_config.py checks it).
+MethodConfig = declare("MethodConfig", _target_=str, name=str)
+FullMethodConfig = declare("FullMethodConfig", MethodConfig, train_embeddings=bool)
+HeadMethodConfig = declare("HeadMethodConfig", MethodConfig)
+LoraMethodConfig = declare("LoraMethodConfig", MethodConfig, r=int, alpha=float, dropout=float, target_modules=Names,
+                           use_dora=bool, load_in_4bit=bool, quant_type=str)
+BudgetConfig = declare("BudgetConfig", density=Optional[float], params=Optional[int], match=OptionalText, r=int,
+                       target_modules=Names, from_run=OptionalText)
+SparseMaskMethodConfig = declare("SparseMaskMethodConfig", MethodConfig, selection=str, target_modules=Names,
+                                 budget=BudgetConfig, scope=str, block_size=int, calib_batches=int, eps=float,
+                                 train_head=bool, reselect_every=int, seed=int)
+RigsaMethodConfig = declare("RigsaMethodConfig", MethodConfig, target_modules=Names, init=str, init_scale=float,
+                            gate_init=float, gate=str, weight_decay=float, seed=int)
 
 # ---------------------------------------------------------------- task / pruning / eval / logger
-@dataclass
-class TextualMnistConfig:
-    name: str = MISSING
-    image_size: int = MISSING
-    train_size: int = MISSING
-    val_size: int = MISSING
-    test_size: int = MISSING
-    split_seed: int = MISSING
-    chat_template: bool = MISSING
-
-
-@dataclass
-class PruningConfig:
-    name: str = MISSING
-
-
-@dataclass
-class ImpPruningConfig(PruningConfig):
-    iterations: int = MISSING
-    keep_fraction: float = MISSING
-    epochs_per_iteration: float = MISSING
-    steps_per_iteration: int = MISSING
-    sign_constraint: bool = MISSING
-    pruned_value: str = MISSING
-    rewind: bool = MISSING
-    final_retrain_epochs: float = MISSING
-    final_retrain_steps: int = MISSING
+TextualMnistConfig = declare("TextualMnistConfig", name=str, image_size=int, train_size=int, val_size=int,
+                             test_size=int, split_seed=int, chat_template=bool)
+PruningConfig = declare("PruningConfig", name=str)
+ImpPruningConfig = declare("ImpPruningConfig", PruningConfig, iterations=int, keep_fraction=float,
+                           epochs_per_iteration=float, steps_per_iteration=int, sign_constraint=bool,
+                           pruned_value=str, rewind=bool, final_retrain_epochs=float, final_retrain_steps=int)
 
 
 @dataclass
@@ -145,64 +69,17 @@ class ForgettingTaskConfig:
     data_files: Optional[Dict[str, str]] = None
 
 
-@dataclass
-class EvalConfig:
-    name: str = MISSING
-    target: bool = MISSING
-    batch_size: int = MISSING
-    iteration_test_size: int = MISSING
-    forgetting: List[ForgettingTaskConfig] = MISSING
-    lm_eval_batch_size: int = MISSING
-    apply_chat_template: bool = MISSING
-
-
-@dataclass
-class LoggerConfig:
-    name: str = MISSING
-    mode: str = MISSING
-    project: str = MISSING
-    entity: Optional[str] = MISSING
-    log_adapter: bool = MISSING
-
+EvalConfig = declare("EvalConfig", name=str, target=bool, batch_size=int, iteration_test_size=int,
+                     forgetting=List[ForgettingTaskConfig], lm_eval_batch_size=int, apply_chat_template=bool)
+LoggerConfig = declare("LoggerConfig", name=str, mode=str, project=str, entity=OptionalText, log_adapter=bool)
 
 # ---------------------------------------------------------------- top level
-@dataclass
-class TrainConfig:
-    epochs: float = MISSING
-    max_steps: int = MISSING
-    batch_size: int = MISSING
-    grad_accum: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    warmup_steps: int = MISSING
-    lr_schedule: str = MISSING
-    max_grad_norm: float = MISSING
-    eval_every: int = MISSING
-    checkpoint_every: int = MISSING
-    max_seq_len: int = MISSING
-    threads: int = MISSING
-
-
-@dataclass
-class RunDirConfig:
-    root: str = MISSING
-    name: str = MISSING
-    overwrite: bool = MISSING
-
-
-@dataclass
-class RigsaConfig:
-    model: Any = MISSING
-    method: Any = MISSING
-    task: Any = MISSING
-    pruning: Any = MISSING
-    eval: Any = MISSING
-    logger: Any = MISSING
-    seed: int = MISSING
-    device: str = MISSING
-    dtype: str = MISSING
-    train: TrainConfig = MISSING
-    run: RunDirConfig = MISSING
+TrainConfig = declare("TrainConfig", epochs=float, max_steps=int, batch_size=int, grad_accum=int, lr=float,
+                      weight_decay=float, warmup_steps=int, lr_schedule=str, max_grad_norm=float, eval_every=int,
+                      checkpoint_every=int, max_seq_len=int, threads=int)
+RunDirConfig = declare("RunDirConfig", root=str, name=str, overwrite=bool)
+RigsaConfig = declare("RigsaConfig", model=Any, method=Any, task=Any, pruning=Any, eval=Any, logger=Any, seed=int,
+                      device=str, dtype=str, train=TrainConfig, run=RunDirConfig)
 
 
 def register_schemas() -> None:

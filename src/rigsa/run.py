@@ -6,9 +6,8 @@ import logging
 import resource
 import shutil
 import time
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -94,7 +93,7 @@ def calibration_batches(data, cfg: DictConfig, device: torch.device):
         yield {key: value.to(device) for key, value in data.train.batch(indices).items()}
 
 
-def test_accuracy(model, data, cfg: DictConfig, device: torch.device, limit: int = 0) -> dict:
+def accuracy_on_test(model, data, cfg: DictConfig, device: torch.device, limit: int = 0) -> dict:
     return target_accuracy(model, data.test, data.answer_token_ids, cfg.eval.batch_size, device, cfg.dtype, limit)
 
 
@@ -159,7 +158,7 @@ def train_phases(model, method: Method, data, cfg: DictConfig, device: torch.dev
         if len(schedule) > 1:
             row = {"phase": phase.name, "trainable_params": count_trainable(method), **method.stats()}
             if cfg.eval.target:
-                adapted = test_accuracy(model, data, cfg, device, 0 if last else cfg.eval.iteration_test_size)
+                adapted = accuracy_on_test(model, data, cfg, device, 0 if last else cfg.eval.iteration_test_size)
                 row["accuracy"], row["test_size"] = adapted["accuracy"], adapted["n"]
             iterations.append(row)
             tracker.log({f"imp/{key}": value for key, value in row.items() if key != "phase"}, offset, once=True)
@@ -167,7 +166,7 @@ def train_phases(model, method: Method, data, cfg: DictConfig, device: torch.dev
             log.info("pruned (iteration %d): %s", phase.prune.iteration, method.prune(phase.prune))
             adapted = None  # measured before this prune
     if cfg.eval.target and adapted is None:
-        adapted = test_accuracy(model, data, cfg, device)
+        adapted = accuracy_on_test(model, data, cfg, device)
     return Training(offset, seconds, tokens, result.final_loss, resumed, iterations, adapted)
 
 
@@ -206,7 +205,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.eval.target:
         key = {"model": base_fingerprint, "task": data.test_key, "dtype": cfg.dtype}
         base, _ = timed(lambda r: f"base model: test accuracy {r['accuracy']:.4f} on {r['n']} digits",
-                        lambda: cached("base_target", key, lambda: test_accuracy(model, data, cfg, device)))
+                        lambda: cached("base_target", key, lambda: accuracy_on_test(model, data, cfg, device)))
     if cfg.eval.forgetting:
         base_suite, _ = timed(lambda r: f"base model, eval={cfg.eval.name}: {summarize(r)}",
                               lambda: forgetting.base_scores(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed,

@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from rigsa.config import fail
-from rigsa.methods import Calibration, PruneStep, freeze, nothing_after_step, replace_module, save_state, trainable_named
+from rigsa.methods import (Calibration, PruneStep, freeze, nothing_after_step, replace_module, save_state,
+                           trainable_named)
 from rigsa.sparse import adapter as sparse_adapter
 from rigsa.sparse.engine import SparseDeltaLinear
 from rigsa.sparse.targets import find_targets

@@ -49,6 +49,15 @@ def tiny_data(tokenizer):
     return build_task(compose(TINY + ["task.train_size=32", "task.test_size=20"]).task, tokenizer, 1024)
 
 
+def method_cfg(method_name: str, overrides=()):
+    """The tiny run config with this method; sparse budgets at 10% (the default 0.5% of a 64-wide random model
+    learns too little in a few steps)."""
+    cfg = compose(TINY + [f"method={method_name}", *overrides])
+    if "budget" in cfg.method:
+        cfg = compose(TINY + [f"method={method_name}", "method.budget.density=0.1", *overrides])
+    return cfg
+
+
 def attach_method(cfg, data=None, model=None):
     """(model, method): `model` (default: a fresh tiny model) with cfg's method attached, calibrated on data's
     training batches."""

@@ -12,7 +12,7 @@ from rigsa.models import load_model
 from rigsa.run import run
 from rigsa.sparse.adapter import AdapterMismatch, export_shira
 
-from conftest import TINY, attach_method, train_steps
+from conftest import TINY, attach_method, method_cfg, train_steps
 
 IDS = torch.tensor([[5, 17, 300, 42, 7, 9, 11, 2]])
 
@@ -53,9 +53,7 @@ ROUND_TRIPS = [(option, [], None) for option in options("method")] + [
 @pytest.mark.parametrize("option,overrides,pruned_value", ROUND_TRIPS,
                          ids=[f"{o}{''.join(x)}{'-pruned_' + p if p else ''}" for o, x, p in ROUND_TRIPS])
 def test_a_saved_adapter_reloads_to_the_trained_models_logits(option, overrides, pruned_value, tiny_data, tmp_path):
-    cfg = compose(TINY + [f"method={option}", "pruning=none", *overrides])
-    if "budget" in cfg.method:
-        cfg = compose(TINY + [f"method={option}", "pruning=none", "method.budget.density=0.1", *overrides])
+    cfg = method_cfg(option, ["pruning=none", *overrides])
     model, method = attach_method(cfg, tiny_data)
     train_steps(model, method, cfg, tiny_data, tmp_path / "phase1.pt", steps=3, lr=1e-2)
     if pruned_value:

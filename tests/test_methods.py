@@ -4,23 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rigsa.config import compose, options
+from rigsa.config import options
 from rigsa.evaluate import answer_logits, target_accuracy
 from rigsa.methods import trainable_named
 from rigsa.models import load_model
 from rigsa.sparse.engine import sparse_layers, unmerge_all
 from rigsa.train import train
 
-from conftest import TINY, attach_method, train_steps
+from conftest import attach_method, method_cfg, train_steps
 
 CPU = torch.device("cpu")
-
-
-def method_cfg(method_name: str, overrides=()):
-    cfg = compose(TINY + [f"method={method_name}", *overrides])
-    if "budget" in cfg.method:  # the default 0.5% of a 64-wide random model learns too little in 12 steps
-        cfg = compose(TINY + [f"method={method_name}", "method.budget.density=0.1", *overrides])
-    return cfg
 
 
 def attach(method_name: str, data=None, overrides=()):

@@ -50,7 +50,7 @@ def load_dense(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     for name, tensor in tensors.items():
         if name.endswith(".dense_delta"):
             weight = model.get_submodule(name.removesuffix(".dense_delta")).weight
-            weight.copy_(weight + tensor.to(weight.dtype))
+            weight.add_(tensor.to(weight.dtype))
         elif name == "lm_head.weight":
             load_head(model, tensor)
         else:

@@ -77,11 +77,14 @@ class Tracker:
         self.kept: set[tuple[int, tuple[str, ...]]] = set()
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        for line in kept:
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            if not line.strip():
+                continue
             record = json.loads(line)
-            self.kept.add((record.pop("step", 0), tuple(sorted(record))))
+            if record.get("step", 0) <= step:
+                kept.append(line)
+                self.kept.add((record.pop("step", 0), tuple(sorted(record))))
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict, step: int, once: bool = False) -> None:

@@ -67,7 +67,7 @@ def micro_batch_indices(size: int, batch_size: int, seed: int, micro_step: int) 
     return torch.cat(chunks)
 
 
-def named_trainable(model: nn.Module, method) -> dict[str, nn.Parameter]:
+def method_parameters_by_name(model: nn.Module, method) -> dict[str, nn.Parameter]:
     """The method's trainable parameters (`trainable_parameters()`), named as in the model (checkpoint keys)."""
     trainable = {id(parameter) for parameter in method.trainable_parameters()}
     named = {name: parameter for name, parameter in model.named_parameters() if id(parameter) in trainable}
@@ -86,7 +86,7 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, seed: int, d
     `steps` defaults to the train config's budget; `step_offset` numbers the steps of a later phase
     after the earlier ones (logging and data order continue)."""
     steps = total_steps(train_cfg, len(data.train)) if steps is None else steps
-    parameters = named_trainable(model, method)
+    parameters = method_parameters_by_name(model, method)
     optimizer = torch.optim.AdamW(method.param_groups(train_cfg.weight_decay), lr=train_cfg.lr)
     scheduler = get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer,
                               num_warmup_steps=min(train_cfg.warmup_steps, steps), num_training_steps=steps)

@@ -10,7 +10,6 @@ defaults (the values live in conf/method/), and raises ConfigError for a bad one
 """
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +74,6 @@ def build_method(method_cfg: DictConfig) -> Method:
 
     fields = OmegaConf.to_container(method_cfg, resolve=True)
     return get_class(fields.pop("_target_"))(**fields)
-
-
-def constructor_fields(method_class: type) -> set[str]:
-    """The keyword arguments a method's constructor takes (checked against its schema in the tests)."""
-    return {name for name in inspect.signature(method_class).parameters}
 
 
 # ---------------------------------------------------------------- the common hook bodies

@@ -49,6 +49,17 @@ def tiny_data(tokenizer):
     return build_task(compose(TINY + ["task.train_size=32", "task.test_size=20"]).task, tokenizer, 1024)
 
 
+@pytest.fixture(scope="session")
+def saved_tiny_model(tmp_path_factory, tokenizer):
+    """A folder holding the tiny model and its tokenizer, as save_pretrained writes them (a `model=local` folder)."""
+    from rigsa.models import build_tiny
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    build_tiny(compose(TINY).model, len(tokenizer), 0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def method_cfg(method_name: str, overrides=()):
     """The tiny run config with this method; sparse budgets at 10% (the default 0.5% of a 64-wide random model
     learns too little in a few steps)."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rigsa.config import compose
+from rigsa.config import ConfigError, compose
 from rigsa.models import load_model
 from rigsa.sparse.selection import select, split_budget
 from rigsa.sparse.targets import find_targets, resolve_budget
@@ -78,5 +78,6 @@ def test_targets_presets_and_errors():
     assert sorted({n.rsplit(".", 1)[-1] for n in find_targets(model, ["sparta"])}) == ["o_proj", "v_proj"]
     assert len(find_targets(model, ["all-linear"])) == 14 and "lm_head" not in find_targets(model, ["all-linear"])
     assert list(find_targets(model, [r"model\.layers\.1\.mlp\.up_proj"])) == ["model.layers.1.mlp.up_proj"]
-    with pytest.raises(ValueError, match="matched no linear layer"):
+    with pytest.raises(ConfigError, match=r"target_modules=\['nope'\] is invalid: expected names of this model's linear "
+                                          r"layers \(it has \['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj'"):
         find_targets(model, ["nope"])

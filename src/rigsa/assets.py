@@ -59,6 +59,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("RIGSA_CACHE", "~/.cache/rigsa")).expanduser()
 
 
+def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode set, or no connection), or None."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        return f"{host} is unreachable ({error.__class__.__name__})"
+    return None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,14 @@ from rigsa.assets import cache_root
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when the way a cached score is computed changes
+
+
+class UnreadableFile(RuntimeError):
+    """A file rigsa reads back is damaged or not what it should be: one line naming it, the fault and the fix."""
+
+    def __init__(self, path: Path, fault: str, fix: str):
+        super().__init__(f"{path}: {fault}. Fix: {fix}")
+        self.path = path
 
 
 def scores_root() -> Path:
@@ -45,13 +54,35 @@ def write_text_atomically(path: Path, text: str) -> None:
     replace_atomically(path, lambda temporary: temporary.write_text(text))
 
 
-def cached(kind: str, key_parts: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """Return (result, was_cached): `compute()` once per key, then read from the cache folder `kind`."""
+def cached(kind: str, key_parts: dict, compute: Callable[[], dict],
+           check: Callable[[dict], str | None] = lambda result: None) -> tuple[dict, bool]:
+    """Return (result, was_cached): `compute()` once per key, then read from the cache folder `kind`.
+
+    An entry that does not parse, or that `check(result)` finds wrong (it returns what is wrong), is
+    moved aside with a warning and recomputed; a cache folder that cannot be written warns and the
+    result is simply not kept."""
     key = hashlib.sha256(json.dumps({**key_parts, "cache_version": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()
     path = scores_root() / kind / f"{key}.json"
     if path.exists():
-        log.info("base %s: cache hit (%s)", kind, path)
-        return json.loads(path.read_text())["result"], True
+        try:
+            result = json.loads(path.read_text())["result"]
+            problem = check(result)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            problem = f"unreadable ({type(error).__name__})"
+        if problem is None:
+            log.info("base %s: cache hit (%s)", kind, path)
+            return result, True
+        aside = path.with_name(f"{path.stem}.bad-{os.getpid()}.json")
+        try:
+            os.replace(path, aside)
+            warnings.warn(f"rigsa: cache entry {path} is {problem}: moved to {aside.name} and recomputed", stacklevel=2)
+        except OSError:
+            warnings.warn(f"rigsa: cache entry {path} is {problem} and cannot be moved: recomputed, not kept",
+                          stacklevel=2)
     result = compute()
-    write_text_atomically(path, json.dumps({"key": key_parts, "result": result}, indent=2))
+    try:
+        write_text_atomically(path, json.dumps({"key": key_parts, "result": result}, indent=2))
+    except OSError as error:
+        warnings.warn(f"rigsa: cannot write the cache folder {path.parent} ({error.strerror or error}): this result "
+                      "is not cached. Fix: make it writable, or point RIGSA_CACHE elsewhere", stacklevel=2)
     return result, False

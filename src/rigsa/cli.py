@@ -3,25 +3,80 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from rigsa.assets import ASSETS, AssetError, fetch_all
+from rigsa.cache import UnreadableFile
 from rigsa.config import ConfigError
 from rigsa.forgetting import HubUnreachable
+from rigsa.run_folder import RunFolderBusy
+
+# Exit codes: 2 = refused (a bad value, a missing asset or hub, an unreadable file, a busy run folder;
+# nothing was written), 1 = the run failed (e.g. training diverged; the last good checkpoint stays).
+REFUSED = (ConfigError, AssetError, HubUnreachable, UnreadableFile, RunFolderBusy)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     from rigsa.run import run
+    from rigsa.train import TrainingDiverged
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, AssetError, HubUnreachable) as error:
+        run(cfg, run_dir)
+    except (*REFUSED, TrainingDiverged) as error:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # Hydra creates the folder before a run starts: a refused run leaves none
         print(f"rigsa-run: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(error, TrainingDiverged) else 2)
+
+
+def refusal(arguments: list[str]) -> str | None:
+    """Why the command would be refused, found before Hydra creates the run folder, or None.
+
+    The config is composed as Hydra will (in a sweep, each swept key at its first value). A key no schema
+    declares is named with the valid keys of its node (Hydra's own message names neither). A single run is
+    also validated and its run folder inspected, read-only, so a refused command writes nothing; a sweep's
+    jobs are each checked when they run (one bad job must not stop the others)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    from rigsa import forgetting, run_folder
+    from rigsa.config import check_declared, compose, unknown_key_message, validate
+
+    sweep = any(argument in ("-m", "--multirun") for argument in arguments)
+    overrides = [argument for argument in arguments if argument not in ("-m", "--multirun")]
+    if any(argument.startswith("-") for argument in overrides):
+        return None  # Hydra's own flags (--cfg, --config-dir, ...): left to Hydra
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return None  # Hydra reports a syntax error itself
+    if any(item.get_key_element().startswith("hydra") for item in parsed):
+        return None  # Hydra's own settings (e.g. hydra.run.dir) decide where the run goes
+    first = [f"{'+' if item.is_add() else ''}{item.get_key_element()}="
+             f"{next(iter(item.sweep_string_iterator())) if item.is_sweep_override() else item.get_value_element_as_str()}"
+             for item in parsed if not item.is_delete()]
+    try:
+        cfg = compose(first)
+        check_declared(cfg)
+        if not sweep:
+            validate(cfg)
+            forgetting.check_hub(cfg.eval)
+            run_folder.inspect(cfg, Path(cfg.run.root) / cfg.run.name)
+    except ConfigCompositionException as error:
+        cause = error.__cause__
+        schema = getattr(cause, "object_type", None)
+        if getattr(cause, "full_key", None) and schema is not None and "not in" in str(cause):
+            return unknown_key_message(cause.full_key, schema)
+        return None  # Hydra's own message (e.g. an unknown group option, with the options listed)
+    except REFUSED as error:
+        return str(error)
+    return None
 
 
 GROUPS = ("model", "method", "task", "pruning", "eval", "logger")
@@ -56,6 +111,10 @@ def run_main() -> None:
     if any(flag in sys.argv[1:] for flag in ("--help", "-h")):
         print(help_text())
         return
+    message = refusal(sys.argv[1:])
+    if message:
+        print(f"rigsa-run: error: {message}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -6,12 +6,13 @@ unknown key or a wrong type fails when Hydra composes the config. `validate` the
 """
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -75,7 +76,7 @@ LoggerConfig = declare("LoggerConfig", name=str, mode=str, project=str, entity=O
 
 # ---------------------------------------------------------------- top level
 TrainConfig = declare("TrainConfig", epochs=float, max_steps=int, batch_size=int, grad_accum=int, lr=float,
-                      weight_decay=float, warmup_steps=int, lr_schedule=str, max_grad_norm=float, eval_every=int,
+                      weight_decay=float, warmup_steps=int, lr_schedule=str, max_grad_norm=float, on_nonfinite=str, eval_every=int,
                       checkpoint_every=int, max_seq_len=int, threads=int)
 RunDirConfig = declare("RunDirConfig", root=str, name=str, overwrite=bool)
 RigsaConfig = declare("RigsaConfig", model=Any, method=Any, task=Any, pruning=Any, eval=Any, logger=Any, seed=int,
@@ -125,6 +126,55 @@ def fail(key: str, value: Any, expected: str, fix: str) -> None:
     raise ConfigError(f"{key}={value!r} is invalid: expected {expected}. Fix: {fix}")
 
 
+def unknown_key_message(full_key: str, schema: type) -> str:
+    """`full_key` is declared by no schema: name it, the closest valid key and every valid key of its node."""
+    parent, _, leaf = full_key.rpartition(".")
+    node = parent or "the run config"
+    valid = sorted(item.name for item in fields(schema) if not item.name.startswith("_"))
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f"did you mean {parent + '.' if parent else ''}{close[0]}? " if close else ""
+    return f"{full_key} is not a setting. Fix: {hint}The valid keys of {node} are: {', '.join(valid)}"
+
+
+def check_declared(node: DictConfig, prefix: str = "") -> None:
+    """Refuse keys no schema declares, e.g. `+train.lrr=1e-3` (a `+` override bypasses Hydra's own check)."""
+    schema = node._metadata.object_type
+    for key in node.keys():
+        if is_dataclass(schema) and key not in {item.name for item in fields(schema)}:
+            raise ConfigError(unknown_key_message(f"{prefix}{key}", schema))
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            check_declared(child, f"{prefix}{key}.")
+        elif isinstance(child, ListConfig):
+            for number, item in enumerate(child):
+                if isinstance(item, DictConfig):
+                    check_declared(item, f"{prefix}{key}[{number}].")
+
+
+def check_run_name(cfg: DictConfig) -> None:
+    """The run folder run.root/run.name must lie inside run.root."""
+    root = os.path.abspath(os.path.expanduser(cfg.run.root))
+    folder = os.path.abspath(os.path.join(root, str(cfg.run.name)))
+    if not cfg.run.name or os.path.isabs(str(cfg.run.name)) or os.path.dirname(folder) != root:
+        fail("run.name", cfg.run.name, f"a folder name inside run.root ({cfg.run.root}): no '/', '..' or empty name",
+             "pass run.name=<name> (use run.root=<folder> to put runs elsewhere)")
+
+
+def check_device(device: str) -> None:
+    """The device must exist on this machine (checked before the run folder is written)."""
+    import torch
+
+    if not (device in ("auto", "cpu", "mps") or str(device).startswith("cuda")):
+        fail("device", device, "auto, cpu, cuda, cuda:N or mps", "pass device=auto")
+    if str(device).startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        number = str(device).partition(":")[2]
+        if count == 0 or (number and (not number.isdigit() or int(number) >= count)):
+            fail("device", device, f"a CUDA device this machine has ({count} visible)", "pass device=auto or device=cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        fail("device", device, "an available Apple MPS device", "pass device=auto or device=cpu")
+
+
 def check_positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
     value = OmegaConf.select(cfg, key)
     if value is None or value < 0 or (value == 0 and not allow_zero):
@@ -140,20 +190,18 @@ def validate(cfg: DictConfig):
     for group in ("model", "method", "task", "pruning", "eval", "logger"):
         if OmegaConf.select(cfg, f"{group}.name") is None:
             fail(group, None, f"one of {options(group)}", f"pass {group}=<option>")
+    check_declared(cfg)
+    check_run_name(cfg)
 
     model = cfg.model
     sources = ("embedded", "hub", "tiny", "local")
     if model.source not in sources:
         fail("model.source", model.source, f"one of {list(sources)}", "use model=<option> with a shipped option")
-    if model.source == "local" or model.path:
-        if not model.path:
-            fail("model.path", model.path, "a local Hugging Face causal-LM directory",
-                 "pass model.path=/path/to/model_dir (a folder with config.json and weights)")
-        if not os.path.isdir(os.path.expanduser(model.path)):
-            fail("model.path", model.path, "an existing directory",
-                 "point model.path at a folder with config.json and *.safetensors")
     if model.source == "hub" and not model.hub_id:
         fail("model.hub_id", model.hub_id, "a Hugging Face hub id", "pass model.hub_id=org/name")
+    from rigsa.models import check_source
+
+    check_source(model)
 
     for key in ("train.lr", "train.batch_size", "train.grad_accum", "train.max_seq_len"):
         check_positive(cfg, key)
@@ -166,10 +214,11 @@ def validate(cfg: DictConfig):
     if cfg.train.lr_schedule not in ("cosine", "linear", "constant"):
         fail("train.lr_schedule", cfg.train.lr_schedule, "one of ['cosine', 'linear', 'constant']",
              "pass train.lr_schedule=cosine")
+    if cfg.train.on_nonfinite not in ("stop", "skip_step"):
+        fail("train.on_nonfinite", cfg.train.on_nonfinite, "stop or skip_step", "pass train.on_nonfinite=stop")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         fail("dtype", cfg.dtype, "one of ['float32', 'bfloat16', 'float16']", "pass dtype=bfloat16")
-    if not (cfg.device in ("auto", "cpu", "mps") or str(cfg.device).startswith("cuda")):
-        fail("device", cfg.device, "auto, cpu, cuda, cuda:N or mps", "pass device=auto")
+    check_device(cfg.device)
 
     task = cfg.task
     if task.name == "textual_mnist":

@@ -52,3 +52,16 @@ def target_accuracy(model: nn.Module, split, answer_token_ids: torch.Tensor, bat
     correct = (predicted == split.digits[:n]).sum().item()
     return {"accuracy": correct / max(1, n), "n": n,
             "answer_counts": torch.bincount(predicted, minlength=len(answer_token_ids)).tolist()}
+
+
+def accuracy_problem(result, n: int, answers: int) -> str | None:
+    """What is wrong with a stored target_accuracy result for a test set of n examples and `answers`
+    answer tokens (a base-score cache entry), or None."""
+    if not isinstance(result, dict) or set(result) != {"accuracy", "n", "answer_counts"}:
+        return f"not an accuracy record (keys {sorted(result) if isinstance(result, dict) else type(result).__name__})"
+    counts = result["answer_counts"]
+    if result["n"] != n or not isinstance(counts, list) or len(counts) != answers or sum(counts) != n:
+        return f"measured on {result['n']} examples with {len(counts) if isinstance(counts, list) else '?'} answers"
+    if not isinstance(result["accuracy"], (int, float)) or not 0 <= result["accuracy"] <= 1:
+        return f"accuracy {result['accuracy']!r} is not in [0, 1]"
+    return None

@@ -16,9 +16,7 @@ import hashlib
 import json
 import logging
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -51,15 +49,7 @@ def check_hub(suite: DictConfig, timeout: float = 5.0) -> None:
     tasks = needs_hub(suite)
     if not tasks:
         return
-    reason = None
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        reason = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
-    else:
-        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-        except OSError as error:
-            reason = f"{host} is unreachable ({error.__class__.__name__})"
+    reason = assets.hub_unreachable_reason(timeout)
     if reason:
         raise HubUnreachable(f"eval={suite.name} runs lm-eval's {tasks}, whose data come from the Hugging Face hub, "
                              f"but {reason}. Use eval=offline (packaged GSM8K data), or eval=target for the target "
@@ -77,10 +67,7 @@ def task_folder(suite: DictConfig) -> Path:
     """Render the shipped task templates and any local-data overrides into one include_path folder."""
     digest = hashlib.sha256(json.dumps(OmegaConf.to_container(suite.forgetting, resolve=True), sort_keys=True)
                             .encode()).hexdigest()[:12]
-    folder = assets.cache_root() / "lm_eval_tasks" / digest
-    folder.mkdir(parents=True, exist_ok=True)
-    data_dir = assets.cache_root() / "lm_eval_data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    folder, data_dir = writable(assets.cache_root() / "lm_eval_tasks" / digest), writable(assets.cache_root() / "lm_eval_data")
     if not (data_dir / "gsm8k_eval.jsonl").exists():
         _prepare_gsm8k(data_dir)
     for template in TEMPLATES.glob("*.yaml"):
@@ -94,6 +81,24 @@ def task_folder(suite: DictConfig) -> Path:
                 "dataset_kwargs": {"data_files": {split: str(Path(path).expanduser().resolve())
                                                   for split, path in task.data_files.items()}}}, indent=2))
     return folder
+
+
+def writable(folder: Path) -> Path:
+    """`folder`, created; or, when the cache cannot be written, a temporary folder (with a warning)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return folder
+    except OSError as error:
+        import tempfile
+        import warnings
+
+        fallback = Path(tempfile.mkdtemp(prefix=f"rigsa-{folder.name}-"))
+        warnings.warn(f"rigsa: cannot write {folder} ({error.strerror or error}); using {fallback} for this run",
+                      stacklevel=2)
+        return fallback
 
 
 def builtin_yaml(name: str) -> Path:
@@ -149,7 +154,21 @@ def base_scores(model: nn.Module, tokenizer, suite: DictConfig, device, dtype: s
            "chat_template": suite.apply_chat_template, "dtype": dtype, "seed": seed,
            "lm_eval": getattr(lm_eval, "__version__", "?"),
            "templates": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in TEMPLATES.glob("*.yaml")}}
-    return cached("base_forgetting", key, lambda: evaluate_suite(model, tokenizer, suite, device, dtype, seed))
+    names = [local_name(task) for task in suite.forgetting]
+    return cached("base_forgetting", key, lambda: evaluate_suite(model, tokenizer, suite, device, dtype, seed),
+                  check=lambda result: suite_problem(result, names))
+
+
+def suite_problem(result, names: list[str]) -> str | None:
+    """What is wrong with a stored suite result for these tasks (a base-score cache entry), or None."""
+    if not isinstance(result, dict) or sorted(result) != sorted(names):
+        return f"not the scores of {names}"
+    for name, scores in result.items():
+        if not isinstance(scores, dict) or not isinstance(scores.get("metrics"), dict) or not scores["metrics"] \
+                or not isinstance(scores.get("higher_is_better"), dict) \
+                or not all(isinstance(value, (int, float)) for value in scores["metrics"].values()):
+            return f"not a score record for {name}"
+    return None
 
 
 def forgetting_block(base: dict, adapted: dict) -> dict:

@@ -39,6 +39,44 @@ def build_tiny(model_cfg: DictConfig, vocab_size: int, seed: int) -> LlamaForCau
     return model
 
 
+def check_source(model_cfg: DictConfig) -> None:
+    """What can be checked before any weights load: a local folder holds a causal LM's config and
+    weights; a hub model is in the local Hugging Face cache or the hub is reachable."""
+    import json
+    import os
+    from pathlib import Path
+
+    from rigsa.config import fail
+
+    if model_cfg.source == "local" or model_cfg.get("path"):
+        folder = Path(os.path.expanduser(model_cfg.path or ""))
+        if not model_cfg.path or not folder.is_dir():
+            fail("model.path", model_cfg.path, "an existing local Hugging Face causal-LM directory",
+                 "pass model.path=/path/to/model_dir (a folder with config.json and *.safetensors)")
+        try:
+            architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError) as error:
+            fail("model.path", model_cfg.path, f"a folder with a readable config.json ({type(error).__name__})",
+                 "point model.path at a folder saved by save_pretrained()")
+        if not any(name.endswith("ForCausalLM") for name in architectures):
+            fail("model.path", model_cfg.path, f"a causal language model (its config.json names {architectures})",
+                 "point model.path at a *ForCausalLM model, e.g. one saved by AutoModelForCausalLM.save_pretrained()")
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            fail("model.path", model_cfg.path, "a folder with weights (*.safetensors or *.bin)",
+                 "save the model into it with save_pretrained()")
+    elif model_cfg.source in ("embedded", "tiny"):  # tiny borrows the embedded model's tokenizer
+        assets.locate("smollm2_135m" if model_cfg.source == "tiny" else model_cfg.name)
+    elif model_cfg.source == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached_config = try_to_load_from_cache(model_cfg.hub_id, "config.json", revision=model_cfg.get("revision"))
+        reason = None if isinstance(cached_config, str) else assets.hub_unreachable_reason()
+        if reason:
+            fail("model.hub_id", model_cfg.hub_id, f"a model this machine can load (model={model_cfg.name} comes from "
+                 f"the Hugging Face hub, but {reason})", "use model=smollm2_135m (embedded) or model=local "
+                 "model.path=<a local folder>")
+
+
 def load_model(model_cfg: DictConfig, seed: int = 0):
     """Return (model in eval mode, float32, on CPU; tokenizer with left padding)."""
     source = model_cfg.source

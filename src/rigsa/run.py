@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,74 +11,25 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rigsa import checkpoints, forgetting, models
+from rigsa import checkpoints, forgetting, models, run_folder
 from rigsa.cache import cached
 from rigsa.config import ConfigError, validate
-from rigsa.evaluate import answer_loss, target_accuracy
+from rigsa.evaluate import accuracy_problem, answer_loss, target_accuracy
 from rigsa.methods import Calibration, Method
 from rigsa.sparse.engine import merge_all, unmerge_all
 from rigsa.sparse.schedule import phases
+from rigsa.sparse.targets import check_targets
 from rigsa.tasks import build_task
 from rigsa.tracking import Tracker
 from rigsa.train import micro_batch_indices, train
 
 log = logging.getLogger(__name__)
-# Keys that may change between a run and its resumption without changing what is computed.
-RESUMABLE_KEYS = ("logger", "train.threads", "eval.batch_size", "run.overwrite")
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _comparable(cfg: DictConfig) -> dict:
-    tree = OmegaConf.to_container(cfg, resolve=True)
-    for key in RESUMABLE_KEYS:
-        *parents, leaf = key.split(".")
-        node = tree
-        for parent in parents:
-            node = node.get(parent, {})
-        node.pop(leaf, None)
-    return tree
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    found = []
-    for key in keys:
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return found
-
-
-def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> str:
-    """Create or reuse the run directory; return 'fresh', 'resume' or 'complete'.
-
-    A directory holding a different config is never silently reused: the error lists the keys
-    that differ and says how to proceed."""
-    config_path = run_dir / "config.yaml"
-    if config_path.exists():
-        old = _comparable(OmegaConf.load(config_path))
-        differences = _differences(old, _comparable(cfg))
-        if differences and not cfg.run.overwrite:
-            raise ConfigError(
-                f"run directory {run_dir} holds a run with a different config ({'; '.join(differences[:5])}). "
-                f"Fix: pass run.name=<new name> for a new run, or run.overwrite=true to discard the old one.")
-        if differences:
-            log.warning("run.overwrite=true: discarding the previous run in %s", run_dir)
-            for name in ("checkpoint", "adapter", "metrics.jsonl", "results.json", "wandb_id.txt"):
-                target = run_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        elif (run_dir / "results.json").exists():
-            return "complete"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, config_path, resolve=True)
-    return "resume" if any((run_dir / "checkpoint").glob("*.pt")) else "fresh"
 
 
 def count_trainable(method: Method) -> int:
@@ -137,6 +87,7 @@ class Training:
     tokens: int
     final_loss: float
     resumed_from_step: dict[str, int]  # each phase's step its checkpoint resumed it from (0 = trained from scratch)
+    skipped_steps: int  # updates dropped for a non-finite loss or gradient (train.on_nonfinite=skip_step)
     iterations: list[dict]  # one row per phase when the schedule has several: the RIGSA paper's Figure 2
     adapted: dict | None  # the final model's accuracy on the whole test set (None with eval.target=false)
 
@@ -147,14 +98,14 @@ def train_phases(model, method: Method, data, cfg: DictConfig, device: torch.dev
     test accuracy after each (on eval.iteration_test_size digits, the last phase on all); and measure
     the final model on the whole test set (reusing the last phase's measurement when no prune followed it)."""
     schedule = phases(cfg.pruning, cfg.train, len(data.train))
-    iterations, resumed, offset, seconds, tokens, adapted = [], {}, 0, 0.0, 0, None
+    iterations, resumed, offset, seconds, tokens, adapted, skipped = [], {}, 0, 0.0, 0, None, 0
     for number, phase in enumerate(schedule):
         last = number + 1 == len(schedule)
         result = train(model, method, data, cfg.train, seed=cfg.seed, device=device, dtype=cfg.dtype,
                        checkpoint_path=checkpoints.phase_path(run_dir, phase.name), log_metrics=tracker.log,
                        eval_batch_size=cfg.eval.batch_size, steps=phase.steps, step_offset=offset, desc=phase.name)
         offset, seconds, tokens = offset + phase.steps, seconds + result.seconds, tokens + result.tokens
-        resumed[phase.name] = result.resumed_from
+        resumed[phase.name], skipped = result.resumed_from, skipped + result.skipped_steps
         if len(schedule) > 1:
             row = {"phase": phase.name, "trainable_params": count_trainable(method), **method.stats()}
             if cfg.eval.target:
@@ -167,7 +118,7 @@ def train_phases(model, method: Method, data, cfg: DictConfig, device: torch.dev
             adapted = None  # measured before this prune
     if cfg.eval.target and adapted is None:
         adapted = accuracy_on_test(model, data, cfg, device)
-    return Training(offset, seconds, tokens, result.final_loss, resumed, iterations, adapted)
+    return Training(offset, seconds, tokens, result.final_loss, resumed, skipped, iterations, adapted)
 
 
 def adapted_forgetting(model, tokenizer, cfg: DictConfig, device: torch.device, base_suite: dict) -> dict:
@@ -183,13 +134,26 @@ def adapted_forgetting(model, tokenizer, cfg: DictConfig, device: torch.device, 
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """One experiment. Everything checkable without the model is checked before the run folder is touched;
+    a refused or finished rerun writes nothing; a failure before the first checkpoint leaves the folder as it was."""
     method = validate(cfg)  # every value checked, the method built: a bad value costs a second, not a model load
     forgetting.check_hub(cfg.eval)  # eval=paper without the hub stops here, not after training
     run_dir = Path(run_dir)
-    if prepare_run_dir(cfg, run_dir) == "complete":
-        results = json.loads((run_dir / "results.json").read_text())
+    if run_folder.inspect(cfg, run_dir) == "complete":
+        results = run_folder.read_results(run_dir)
         print(f"{run_dir} is complete; results.json:\n{json.dumps(results, indent=2)}")
         return results
+    before = run_folder.contents(run_dir)
+    with run_folder.claimed(run_dir), run_folder.kept_until_first_checkpoint(run_dir, before):
+        status = run_folder.inspect(cfg, run_dir)  # again, holding the lock: another run may have finished
+        if status == "complete":
+            return run_folder.read_results(run_dir)
+        run_folder.start(cfg, run_dir, status)
+        return experiment(cfg, method, run_dir)
+
+
+def experiment(cfg: DictConfig, method: Method, run_dir: Path) -> dict:
+    """Load, measure the base model, attach, train, measure the adapted model, save: in the claimed folder."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
@@ -197,6 +161,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     tracker = Tracker(cfg, run_dir, checkpoints.resume_step(run_dir))
 
     model, tokenizer = models.load_model(cfg.model, cfg.seed)
+    check_targets(cfg.method, model)  # needs the model; before any evaluation or training
     data = build_task(cfg.task, tokenizer, cfg.train.max_seq_len)
     model.to(device)
     total_params = sum(p.numel() for p in model.parameters())
@@ -205,7 +170,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.eval.target:
         key = {"model": base_fingerprint, "task": data.test_key, "dtype": cfg.dtype}
         base, _ = timed(lambda r: f"base model: test accuracy {r['accuracy']:.4f} on {r['n']} digits",
-                        lambda: cached("base_target", key, lambda: accuracy_on_test(model, data, cfg, device)))
+                        lambda: cached("base_target", key, lambda: accuracy_on_test(model, data, cfg, device),
+                                       check=lambda r: accuracy_problem(r, len(data.test), len(data.answer_token_ids))))
     if cfg.eval.forgetting:
         base_suite, _ = timed(lambda r: f"base model, eval={cfg.eval.name}: {summarize(r)}",
                               lambda: forgetting.base_scores(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed,
@@ -233,7 +199,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                    "answer_counts": adapted and adapted["answer_counts"]},
         "train": {"steps": training.steps, "seconds": training.seconds, "tokens": training.tokens,
                   "tokens_per_second": training.tokens / training.seconds if training.seconds else 0.0,
-                  "final_loss": training.final_loss, "resumed_from_step": training.resumed_from_step},
+                  "final_loss": training.final_loss, "resumed_from_step": training.resumed_from_step,
+                  "skipped_steps": training.skipped_steps},
         "pruning": cfg.pruning.name, "sparse": method.stats() or None, "iterations": training.iterations,
         "forgetting": forgetting_results,
         "peak_memory_bytes": peak_memory_bytes(device),

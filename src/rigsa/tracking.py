@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from rigsa.cache import write_text_atomically
+from rigsa.cache import UnreadableFile, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,21 @@ class Tracker:
         if not self.metrics_path.exists():
             return
         kept = []
-        for line in self.metrics_path.read_text().splitlines():
+        lines = self.metrics_path.read_text(errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                if number == len(lines):  # a kill while the line was written: it is logged again
+                    log.warning("%s: dropped a partial last line", self.metrics_path)
+                    continue
+                raise UnreadableFile(self.metrics_path, f"line {number} is not a JSON object",
+                                     "delete the file (the run's checkpoints and results do not depend on it) "
+                                     "or pass run.overwrite=true") from None
             if record.get("step", 0) <= step:
                 kept.append(line)
                 self.kept.add((record.pop("step", 0), tuple(sorted(record))))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,13 @@ from rigsa.evaluate import answer_loss, autocast, target_accuracy
 
 log = logging.getLogger(__name__)
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+# A gradient norm of exactly zero this many steps in a row means nothing is learning (e.g. a saturated
+# softmax after a too-large lr): warn once, since the loss alone looks merely flat.
+ZERO_GRADIENT_STEPS = 10
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stopped being finite (train.on_nonfinite=stop)."""
 
 
 @dataclass
@@ -35,6 +43,7 @@ class TrainResult:
     final_loss: float
     resumed_from: int = 0
     losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient (train.on_nonfinite=skip_step)
 
     @property
     def tokens_per_second(self) -> float:
@@ -91,14 +100,14 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, seed: int, d
     scheduler = get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer,
                               num_warmup_steps=min(train_cfg.warmup_steps, steps), num_training_steps=steps)
     epoch_steps = steps_per_epoch(train_cfg, len(data.train))
-    start, tokens_before, seconds_before, loss_value = 0, 0, 0.0, float("nan")
+    start, tokens_before, seconds_before, loss_value, skipped = 0, 0, 0.0, float("nan"), 0
     if checkpoint_path.exists():
-        state = checkpoints.load(checkpoint_path, parameters, optimizer, scheduler)
+        state = checkpoints.load(checkpoint_path, parameters, optimizer, scheduler, model)
         start, tokens_before, seconds_before = state["step"], state["tokens"], state["seconds"]
-        loss_value = state.get("loss", loss_value)
+        loss_value, skipped = state["loss"], state["skipped_steps"]
         log.info("resumed from %s at step %d/%d", checkpoint_path, start, steps)
     model.train()
-    tokens, losses = tokens_before, []
+    tokens, losses, zero_gradient_run = tokens_before, [], 0
     clock = time.perf_counter()
     progress = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0)
     for step in range(start, steps):
@@ -113,17 +122,31 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, seed: int, d
             loss.backward()
             step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
-        grad_norm = (torch.nn.utils.clip_grad_norm_(list(parameters.values()), train_cfg.max_grad_norm).item()
-                     if train_cfg.max_grad_norm > 0 else float("nan"))
-        optimizer.step()
-        scheduler.step()
-        extra = method.after_step(step_offset + step + 1, optimizer, batch, epoch_steps)
-        loss_value = step_loss
-        losses.append(loss_value)
-        seconds = seconds_before + time.perf_counter() - clock
-        metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                   "train/tokens_per_second": tokens / seconds if seconds else 0.0, **extra}
+        grad_norm = gradient_norm(parameters, train_cfg.max_grad_norm)
         done = step + 1
+        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+        if not finite and train_cfg.on_nonfinite == "stop":
+            raise diverged(step_offset + done, step_loss, grad_norm, loss_value, train_cfg, checkpoint_path)
+        if finite:
+            optimizer.step()
+            loss_value = step_loss
+        else:  # skip_step: drop this update, as a mixed-precision trainer drops an overflowed one
+            skipped += 1
+            log.warning("step %d: loss %s, gradient norm %s: update skipped (%d so far)", step_offset + done,
+                        step_loss, grad_norm, skipped)
+        scheduler.step()
+        zero_gradient_run = zero_gradient_run + 1 if grad_norm == 0 else 0
+        if zero_gradient_run == ZERO_GRADIENT_STEPS:
+            warnings.warn(f"rigsa: the gradient norm has been exactly 0 for {ZERO_GRADIENT_STEPS} steps (to step "
+                          f"{step_offset + done}, loss {step_loss:.4f}): nothing is learning. Try a lower train.lr "
+                          f"(now {train_cfg.lr:g}).", stacklevel=2)
+        extra = method.after_step(step_offset + step + 1, optimizer, batch, epoch_steps)
+        losses.append(step_loss)
+        seconds = seconds_before + time.perf_counter() - clock
+        metrics = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+                   "train/tokens_per_second": tokens / seconds if seconds else 0.0, **extra}
+        if skipped:
+            metrics["train/skipped_steps"] = skipped
         if train_cfg.eval_every and done % train_cfg.eval_every == 0 and len(data.val):
             val = target_accuracy(model, data.val, data.answer_token_ids, eval_batch_size, device, dtype)
             metrics["val/accuracy"] = val["accuracy"]
@@ -133,10 +156,31 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, seed: int, d
                              tok_s=f"{metrics['train/tokens_per_second']:.0f}", refresh=False)
         progress.update(1)
         if (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == steps:
-            checkpoints.save(checkpoint_path, done, parameters, optimizer, scheduler,
+            if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters.values()):
+                raise diverged(step_offset + done, step_loss, grad_norm, loss_value, train_cfg, checkpoint_path,
+                               "the trained values became non-finite")
+            checkpoints.save(checkpoint_path, done, parameters, optimizer, scheduler, model,
                              {"tokens": tokens, "seconds": seconds_before + time.perf_counter() - clock,
-                              "global_step": step_offset + done, "loss": loss_value})
+                              "global_step": step_offset + done, "loss": loss_value, "skipped_steps": skipped})
     progress.close()
     seconds = seconds_before + time.perf_counter() - clock
     return TrainResult(steps=steps, seconds=seconds, tokens=tokens, final_loss=loss_value, resumed_from=start,
-                       losses=losses)
+                       losses=losses, skipped_steps=skipped)
+
+
+def gradient_norm(parameters: dict[str, nn.Parameter], max_norm: float) -> float:
+    """The total gradient norm, before clipping to max_norm (when > 0); a non-finite norm clips nothing."""
+    gradients = [p.grad for p in parameters.values() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(gradients)
+    if max_norm > 0 and torch.isfinite(norm):
+        torch.nn.utils.clip_grads_with_norm_(list(parameters.values()), max_norm, norm)
+    return norm.item()
+
+
+def diverged(step: int, loss: float, grad_norm: float, last_finite: float, train_cfg: DictConfig,
+             checkpoint_path: Path, what: str = "") -> TrainingDiverged:
+    saved = f"the last good checkpoint {checkpoint_path} stays" if checkpoint_path.exists() else "no checkpoint was written"
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what or f'loss {loss}, gradient norm {grad_norm}'} (last finite loss "
+        f"{last_finite:.4f}). Nothing was saved as the adapter or results; {saved}. Try a lower train.lr (now "
+        f"{train_cfg.lr:g}), dtype=float32, or train.on_nonfinite=skip_step to drop such updates.")

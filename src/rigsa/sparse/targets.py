@@ -8,7 +8,6 @@ paper's random-mask baseline uses the final RIGSA budget this way).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -39,12 +38,14 @@ def find_targets(model: nn.Module, target_modules) -> dict[str, nn.Linear]:
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or module is head:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        if any(leaf == pattern or re.fullmatch(pattern, name) for pattern in patterns):
+        # a name's last parts (PEFT's rule: "q_proj", "self_attn.q_proj") or a regex over the full name
+        if any(name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) for pattern in patterns):
             found[name] = module
     if not found:
-        raise ValueError(f"target_modules={list(target_modules)} matched no linear layer: use names like "
-                         f"{PRESETS['all-linear']} or the preset 'all-linear'")
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if type(module) is nn.Linear and module is not head})
+        fail("method.target_modules", list(target_modules), f"names of this model's linear layers (it has {linear})",
+             "pass e.g. method.target_modules=[all-linear]")
     return found
 
 
@@ -77,10 +78,24 @@ def check_budget(budget) -> str:
         fail("method.budget.params", budget["params"], "a count >= 1", "pass method.budget.params=100000")
     if key == "match" and budget["match"] != "lora":
         fail("method.budget.match", budget["match"], "lora", "pass method.budget.match=lora method.budget.r=8")
-    if key == "from_run" and not os.path.exists(os.path.join(os.path.expanduser(budget["from_run"]), "results.json")):
-        fail("method.budget.from_run", budget["from_run"], "a finished run directory (with results.json)",
-             "point it at runs/<name> of a finished run")
+    if key == "from_run":
+        from_run_values(budget["from_run"])
     return key
+
+
+def from_run_values(run_dir: str) -> int:
+    """The number of sparse values a finished sparse run trained (ConfigError when it is not one)."""
+    path = Path(run_dir).expanduser() / "results.json"
+    fix = "point method.budget.from_run at runs/<name> of a finished sparse run (rigsa, sparta, ...)"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        fail("method.budget.from_run", run_dir, "a finished run directory (with a readable results.json)", fix)
+    values = (results.get("sparse") or {}).get("values") if isinstance(results, dict) else None
+    if not isinstance(values, int) or values < 1:
+        fail("method.budget.from_run", run_dir, f"a sparse run (that run's method {results.get('method')!r} trained "
+             "no sparse values)" if isinstance(results, dict) else "a results.json object", fix)
+    return values
 
 
 def resolve_budget(budget, model: nn.Module, targets: dict[str, nn.Linear]) -> int:
@@ -94,7 +109,17 @@ def resolve_budget(budget, model: nn.Module, targets: dict[str, nn.Linear]) -> i
     elif key == "match":
         count = lora_count(model, budget.r, budget.target_modules or ["all-linear"])
     else:
-        count = int(json.loads((Path(budget.from_run).expanduser() / "results.json").read_text())["sparse"]["values"])
+        count = from_run_values(budget.from_run)
     if not 0 < count <= total:
-        raise ValueError(f"a budget of {count} values does not fit the {total} target weights")
+        fail(f"method.budget.{key}", budget[key], f"a budget that fits the {total:,} target weights (it buys {count:,} "
+             "values)", "pass a smaller budget, e.g. method.budget.density=0.005, or more method.target_modules")
     return count
+
+
+def check_targets(method_cfg, model: nn.Module) -> None:
+    """Right after the model loads: the method's target_modules match linear layers and its budget fits
+    them (ConfigError otherwise), before any evaluation or training."""
+    if "target_modules" in method_cfg:
+        targets = find_targets(model, method_cfg.target_modules)
+        if "budget" in method_cfg:
+            resolve_budget(method_cfg.budget, model, targets)

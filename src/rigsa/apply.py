@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from rigsa.assets import AssetError
+from rigsa.cache import UnreadableFile
 from rigsa.methods import load_head
 from rigsa.sparse import adapter as sparse_adapter
 
@@ -25,22 +27,53 @@ def apply_adapter(model: nn.Module, directory: str | Path, merge: bool = True) -
     a dense adapter is always written into the weights."""
     directory = Path(directory)
     if (directory / "adapter.json").exists():
-        meta = json.loads((directory / "adapter.json").read_text())
+        meta = read_json(directory / "adapter.json")
+        tensors = read_tensors(directory / "adapter.safetensors")
         if meta.get("format") == "rigsa-sparse-v1":
-            return sparse_adapter.load(model, directory, merge=merge)
-        return load_dense(model, load_file(str(directory / "adapter.safetensors")))
+            return sparse_adapter.load(model, meta, tensors, merge=merge)
+        return load_dense(model, tensors)
     if (directory / "adapter_config.json").exists():
         from peft import PeftModel
 
         from rigsa.methods.lora import BASE_FILE, quantize_linear_layers
+        from rigsa.models import fingerprint
 
-        base = json.loads((directory / BASE_FILE).read_text()) if (directory / BASE_FILE).exists() else {}
+        read_json(directory / "adapter_config.json")
+        read_tensors(directory / "adapter_model.safetensors")
+        base = read_json(directory / BASE_FILE) if (directory / BASE_FILE).exists() else {}
+        if base.get("base_fingerprint") and fingerprint(model) != base["base_fingerprint"]:
+            raise sparse_adapter.AdapterMismatch(
+                f"this adapter was trained on a different base model ({base.get('base_model')!r}, fingerprint "
+                f"{base['base_fingerprint'][:12]}…; this model hashes to {fingerprint(model)[:12]}…): load the base "
+                "model it was trained on")
         if base.get("load_in_4bit"):
             quantize_linear_layers(model, base["quant_type"])
         peft_model = PeftModel.from_pretrained(model, str(directory))
         return peft_model.merge_and_unload() if merge else peft_model
     raise FileNotFoundError(f"{directory} holds no adapter (expected adapter.json or adapter_config.json): "
                             "point at <run dir>/adapter")
+
+
+REBUILD = ("delete the adapter folder and results.json of its run, and rerun the run's command: the final "
+           "checkpoint rebuilds the adapter without training")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+        if not isinstance(value, dict):
+            raise ValueError("not an object")
+        return value
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise UnreadableFile(path, f"not a readable JSON object ({type(error).__name__})", REBUILD) from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own SafetensorError for truncated or garbage files
+        raise UnreadableFile(path, f"not a readable safetensors file ({type(error).__name__}: "
+                                   f"{str(error).strip()[:100]})", REBUILD) from None
 
 
 @torch.no_grad()
@@ -87,6 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer.save_pretrained(args.out)
         print(f"merged model: {args.out}")
         return 0
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, UnreadableFile, AssetError) as error:
         print(f"rigsa-apply: error: {error}", file=sys.stderr)
         return 2

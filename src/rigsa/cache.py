@@ -22,6 +22,8 @@ from rigsa.assets import cache_root
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when the way a cached score is computed changes
+UMASK = os.umask(0o022)  # read once (the only way to read it is to set it), and restored at once
+os.umask(UMASK)
 
 
 class UnreadableFile(RuntimeError):
@@ -41,6 +43,7 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Call write(temporary path) in path's folder, then rename the temporary file over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(handle, 0o666 & ~UMASK)  # mkstemp makes 0600; the file gets the permissions open() would give it
     os.close(handle)
     try:
         write(Path(temporary))

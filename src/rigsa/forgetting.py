@@ -119,7 +119,10 @@ def local_name(task) -> str:
 def evaluate_suite(model: nn.Module, tokenizer, suite: DictConfig, device: torch.device, dtype: str,
                    seed: int) -> dict[str, dict]:
     """Run the suite on the in-memory model; return {task: {metric: value}} (stderr dropped)."""
+    from unittest import mock
+
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -129,7 +132,10 @@ def evaluate_suite(model: nn.Module, tokenizer, suite: DictConfig, device: torch
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=suite.lm_eval_batch_size, device=str(device))
     scores: dict[str, dict] = {}
     for task in suite.forgetting:  # one call per task: each has its own few-shot count and limit
-        with autocast(device, dtype), torch.no_grad():
+        # lm-eval records `git describe` of the working directory, printing "fatal: not a git repository" outside
+        # one; rigsa keeps none of that record, so the call is skipped
+        with autocast(device, dtype), torch.no_grad(), mock.patch.object(lm_eval.evaluator, "get_git_commit_hash",
+                                                                          lambda: None):
             output = lm_eval.simple_evaluate(
                 model=lm, tasks=[local_name(task)], num_fewshot=task.num_fewshot, limit=task.limit,
                 task_manager=manager, apply_chat_template=suite.apply_chat_template, random_seed=seed,

@@ -58,6 +58,7 @@ class PeftLora:
         self.target_modules = list(target_modules)
         self.use_dora, self.load_in_4bit, self.quant_type = bool(use_dora), bool(load_in_4bit), quant_type
         self.model: nn.Module | None = None
+        self.base_fingerprint = self.base_model = None
 
     def peft_config(self):
         from peft import LoraConfig
@@ -69,7 +70,11 @@ class PeftLora:
     def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         from peft import get_peft_model
 
+        from rigsa.models import fingerprint
+
         freeze(model)
+        self.base_fingerprint = fingerprint(model)  # of the weights as loaded: apply_adapter refuses another base
+        self.base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
         if self.load_in_4bit:
             quantize_linear_layers(model, self.quant_type)
         self.model = get_peft_model(model, self.peft_config())
@@ -86,6 +91,12 @@ class PeftLora:
     def save(self, directory: Path) -> list[Path]:
         """PEFT's own format: adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained loads it)."""
         self.model.save_pretrained(str(directory))
-        base = {"method": self.name, "load_in_4bit": self.load_in_4bit, "quant_type": self.quant_type}
+        config_path = directory / "adapter_config.json"  # PEFT lists target_modules from a set: in hash order
+        config = json.loads(config_path.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        base = {"method": self.name, "load_in_4bit": self.load_in_4bit, "quant_type": self.quant_type,
+                "base_model": self.base_model, "base_fingerprint": self.base_fingerprint}
         (directory / BASE_FILE).write_text(json.dumps(base, indent=2))
         return sorted(path for path in directory.iterdir() if path.is_file())

@@ -57,15 +57,13 @@ def save(model: nn.Module, state: dict[str, torch.Tensor], directory: Path, meta
     return [directory / "adapter.safetensors", directory / "adapter.json"]
 
 
-def load(model: nn.Module, directory: str | Path, merge: bool = True) -> nn.Module:
-    """Apply a saved sparse adapter to `model` in place and return it.
+def load(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], merge: bool = True) -> nn.Module:
+    """Apply a saved sparse adapter (adapter.json's `meta`, adapter.safetensors' `tensors`; read by
+    rigsa.apply.apply_adapter) to `model` in place and return it.
 
     merge=True writes base + delta into the weights and leaves plain nn.Linear layers (ready for
     export or evaluation); merge=False inserts SparseDeltaLinear layers (trainable, unmergeable).
     Raises AdapterMismatch when the targeted base weights differ from the ones trained on."""
-    directory = Path(directory)
-    meta = json.loads((directory / "adapter.json").read_text())
-    tensors = load_file(str(directory / "adapter.safetensors"))
     layers = meta["layers"]
     for name in layers:
         try:

@@ -23,6 +23,7 @@ gradient is kept, no full-size trainable tensor exists, and nothing full-size li
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -83,26 +84,42 @@ _KERNEL: dict[str, object] = {}
 
 def kernel():
     """The compiled value-gradient kernel, or None when it cannot be built here (no C++ compiler;
-    or RIGSA_NO_KERNEL=1, which forces the torch-ops route). Built once per source version and cached
-    under $RIGSA_CACHE/kernels (per torch and Python version); the first build takes about 25 s."""
+    or RIGSA_NO_KERNEL=1, which forces the torch-ops route). Built once per source, flags, torch and
+    Python version and cached under $RIGSA_CACHE/kernels/<content hash>; the first build takes about 25 s."""
     if "module" not in _KERNEL:
         _KERNEL["module"] = None if os.environ.get("RIGSA_NO_KERNEL", "") not in ("", "0") else _build_kernel()
     return _KERNEL["module"]
 
 
+KERNEL_NAME, KERNEL_FLAGS = "rigsa_sampled_dot", ["-O3", "-fopenmp-simd"]
+
+
 def _build_kernel():
+    """Load the compiled kernel from a cache folder named by the SHA-256 of its source, flags, torch and
+    Python versions; compile it there first when the folder holds none. Keyed by content, not file
+    times: a copied cache loads without recompiling, a changed source compiles into a new folder."""
     try:
+        import importlib.util
+
         from torch.utils import cpp_extension
 
         from rigsa.assets import cache_root
 
+        source = Path(__file__).with_name("sampled_dot.cpp")
+        key = hashlib.sha256(source.read_bytes() + " ".join(KERNEL_FLAGS).encode()
+                             + f"{torch.__version__} {sys.version_info[:2]}".encode()).hexdigest()[:16]
+        build = cache_root() / "kernels" / key
+        library = build / f"{KERNEL_NAME}.so"
+        if library.exists():
+            spec = importlib.util.spec_from_file_location(KERNEL_NAME, library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
         venv_bin = str(Path(sys.executable).parent)  # the `ninja` wheel's binary, when PATH lacks the venv
         if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-        build = cache_root() / "kernels" / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
         build.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load("rigsa_sampled_dot", [str(Path(__file__).with_name("sampled_dot.cpp"))],
-                                  extra_cflags=["-O3", "-fopenmp-simd"], build_directory=str(build))
+        return cpp_extension.load(KERNEL_NAME, [str(source)], extra_cflags=KERNEL_FLAGS, build_directory=str(build))
     except Exception as error:  # no compiler or no ninja: the torch-ops route still gives exact gradients
         warnings.warn(f"rigsa: the sparse engine's C++ kernel could not be built ({type(error).__name__}: "
                       f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using torch ops, "

@@ -131,3 +131,18 @@ def test_rigsa_apply_command_writes_a_merged_model(trained, tmp_path, capsys):
     assert apply_main([str(trained["sparta"] / "adapter"), "--model", "tiny", "--seed", "3", "--out",
                        str(tmp_path / "x")]) == 2
     assert "rigsa-apply: error: this adapter was trained on a different base model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["adapter.json", "adapter.safetensors", "adapter_config.json"])
+def test_rigsa_apply_names_a_damaged_adapter_file_and_the_fix(damage, trained, tmp_path, capsys):
+    import shutil
+
+    method = "lora" if damage == "adapter_config.json" else "sparta"
+    shutil.copytree(trained[method] / "adapter", tmp_path / "adapter")
+    path = tmp_path / "adapter" / damage
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    assert apply_main([str(tmp_path / "adapter"), "--model", "tiny", "--out", str(tmp_path / "merged")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"rigsa-apply: error: {path}: not a readable") and "\n" not in error
+    assert error.endswith("rerun the run's command: the final checkpoint rebuilds the adapter without training")
+    assert not (tmp_path / "merged").exists()

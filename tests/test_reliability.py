@@ -312,3 +312,15 @@ def test_7_saved_peft_adapter_files_are_byte_stable_across_processes(tmp_path):
     first, second = files_of(tmp_path / "1"), files_of(tmp_path / "2")
     assert first.keys() == second.keys() and "adapter_config.json" in first
     assert all(first[name][0] == second[name][0] for name in first)
+
+
+# --------------------------------------------------------------------------------------- 8. README truths
+def test_8_bitsandbytes_missing_hub_kernel_warning_is_silenced_and_others_are_not(caplog):
+    import logging
+
+    import rigsa  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+    logger.warning("another bitsandbytes warning")
+    assert "kernels-community" not in caplog.text and "another bitsandbytes warning" in caplog.text

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,22 @@ def test_reindex_carries_kept_values_and_restores_the_rest_of_the_base():
     expected = original.clone().reshape(-1)
     expected[[5, 9]] += torch.tensor([5.0, 9.0])
     assert torch.equal(layer.weight.reshape(-1), expected)
+
+
+def test_a_copied_kernel_cache_loads_without_compiling(tmp_path, monkeypatch):
+    """The kernel cache is keyed by content: a copy (new file times) is used as it is."""
+    from torch.utils import cpp_extension
+
+    from rigsa import assets
+
+    require_kernel()
+    built = Path(engine.kernel().__file__).parent
+    copy = tmp_path / "cache" / "kernels" / built.name
+    shutil.copytree(built, copy)  # copytree gives the files new modification times
+    monkeypatch.setattr(assets, "cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setattr(engine, "_KERNEL", {})
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("the kernel was compiled again"))
+    module = engine.kernel()
+    assert module is not None and Path(module.__spec__.origin).parent == copy
+    g, x, indices = torch.randn(5, 4), torch.randn(5, 3), torch.tensor([0, 5, 11], dtype=torch.int32)
+    assert torch.allclose(module.sampled_dot(g, x, indices, 1), (g.t() @ x).reshape(-1)[indices.long()], atol=1e-6)

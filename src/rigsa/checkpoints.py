@@ -38,20 +38,26 @@ def _read(path: Path, mmap: bool = False) -> dict:
     except pickle.UnpicklingError as error:
         fault = ("it holds objects other than tensors and plain data, refused because loading it could run code"
                  if "weights_only" in str(error).lower() or "unsupported global" in str(error).lower()
-                 else f"not a readable checkpoint ({str(error).strip().splitlines()[0][:120]})")
+                 else f"not a readable checkpoint ({first_line(error)})")
         raise UnreadableFile(path, fault, FIX) from None
     except Exception as error:  # truncated, garbage, not a zip archive
-        raise UnreadableFile(path, f"not a readable checkpoint ({type(error).__name__}: "
-                                   f"{str(error).strip().splitlines()[0][:120] if str(error).strip() else ''})", FIX) from None
+        raise UnreadableFile(path, f"not a readable checkpoint ({type(error).__name__}: {first_line(error)})",
+                             FIX) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise UnreadableFile(path, f"not a {FORMAT} checkpoint (found {found!r})", FIX)
     return state
 
 
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:120] if text else ""
+
+
 def resume_step(run_dir: Path) -> int:
     """The latest global step any phase's checkpoint holds (0 for a fresh run)."""
-    return max((_read(path, mmap=True)["global_step"] for path in (Path(run_dir) / "checkpoint").glob("*.pt")), default=0)
+    paths = (Path(run_dir) / "checkpoint").glob("*.pt")
+    return max((_read(path, mmap=True)["global_step"] for path in paths), default=0)
 
 
 def rng_state() -> dict:

@@ -35,6 +35,13 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(1 if isinstance(error, TrainingDiverged) else 2)
 
 
+def first_value(override) -> str:
+    """A parsed override's value; a sweep's first value."""
+    if override.is_sweep_override():
+        return next(iter(override.sweep_string_iterator()))
+    return override.get_value_element_as_str()
+
+
 def refusal(arguments: list[str]) -> str | None:
     """Why the command would be refused, found before Hydra creates the run folder, or None.
 
@@ -58,8 +65,7 @@ def refusal(arguments: list[str]) -> str | None:
         return None  # Hydra reports a syntax error itself
     if any(item.get_key_element().startswith("hydra") for item in parsed):
         return None  # Hydra's own settings (e.g. hydra.run.dir) decide where the run goes
-    first = [f"{'+' if item.is_add() else ''}{item.get_key_element()}="
-             f"{next(iter(item.sweep_string_iterator())) if item.is_sweep_override() else item.get_value_element_as_str()}"
+    first = [f"{'+' if item.is_add() else ''}{item.get_key_element()}={first_value(item)}"
              for item in parsed if not item.is_delete()]
     try:
         cfg = compose(first)

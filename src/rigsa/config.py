@@ -76,8 +76,8 @@ LoggerConfig = declare("LoggerConfig", name=str, mode=str, project=str, entity=O
 
 # ---------------------------------------------------------------- top level
 TrainConfig = declare("TrainConfig", epochs=float, max_steps=int, batch_size=int, grad_accum=int, lr=float,
-                      weight_decay=float, warmup_steps=int, lr_schedule=str, max_grad_norm=float, on_nonfinite=str, eval_every=int,
-                      checkpoint_every=int, max_seq_len=int, threads=int)
+                      weight_decay=float, warmup_steps=int, lr_schedule=str, max_grad_norm=float, on_nonfinite=str,
+                      eval_every=int, checkpoint_every=int, max_seq_len=int, threads=int)
 RunDirConfig = declare("RunDirConfig", root=str, name=str, overwrite=bool)
 RigsaConfig = declare("RigsaConfig", model=Any, method=Any, task=Any, pruning=Any, eval=Any, logger=Any, seed=int,
                       device=str, dtype=str, train=TrainConfig, run=RunDirConfig)

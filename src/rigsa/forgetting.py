@@ -67,7 +67,8 @@ def task_folder(suite: DictConfig) -> Path:
     """Render the shipped task templates and any local-data overrides into one include_path folder."""
     digest = hashlib.sha256(json.dumps(OmegaConf.to_container(suite.forgetting, resolve=True), sort_keys=True)
                             .encode()).hexdigest()[:12]
-    folder, data_dir = writable(assets.cache_root() / "lm_eval_tasks" / digest), writable(assets.cache_root() / "lm_eval_data")
+    folder = writable(assets.cache_root() / "lm_eval_tasks" / digest)
+    data_dir = writable(assets.cache_root() / "lm_eval_data")
     if not (data_dir / "gsm8k_eval.jsonl").exists():
         _prepare_gsm8k(data_dir)
     for template in TEMPLATES.glob("*.yaml"):

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rigsa import checkpoints, forgetting, models, run_folder
 from rigsa.cache import cached
-from rigsa.config import ConfigError, validate
+from rigsa.config import validate
 from rigsa.evaluate import accuracy_problem, answer_loss, target_accuracy
 from rigsa.methods import Calibration, Method
 from rigsa.sparse.engine import merge_all, unmerge_all

@@ -179,7 +179,8 @@ def gradient_norm(parameters: dict[str, nn.Parameter], max_norm: float) -> float
 
 def diverged(step: int, loss: float, grad_norm: float, last_finite: float, train_cfg: DictConfig,
              checkpoint_path: Path, what: str = "") -> TrainingDiverged:
-    saved = f"the last good checkpoint {checkpoint_path} stays" if checkpoint_path.exists() else "no checkpoint was written"
+    saved = (f"the last good checkpoint {checkpoint_path} stays" if checkpoint_path.exists()
+             else "no checkpoint was written")
     return TrainingDiverged(
         f"training diverged at step {step}: {what or f'loss {loss}, gradient norm {grad_norm}'} (last finite loss "
         f"{last_finite:.4f}). Nothing was saved as the adapter or results; {saved}. Try a lower train.lr (now "

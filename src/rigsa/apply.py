@@ -41,11 +41,12 @@ def apply_adapter(model: nn.Module, directory: str | Path, merge: bool = True) -
         read_json(directory / "adapter_config.json")
         read_tensors(directory / "adapter_model.safetensors")
         base = read_json(directory / BASE_FILE) if (directory / BASE_FILE).exists() else {}
-        if base.get("base_fingerprint") and fingerprint(model) != base["base_fingerprint"]:
+        found = fingerprint(model) if base.get("base_fingerprint") else None
+        if found and found != base["base_fingerprint"]:
             raise sparse_adapter.AdapterMismatch(
                 f"this adapter was trained on a different base model ({base.get('base_model')!r}, fingerprint "
-                f"{base['base_fingerprint'][:12]}…; this model hashes to {fingerprint(model)[:12]}…): load the base "
-                "model it was trained on")
+                f"{base['base_fingerprint'][:12]}…; this model hashes to {found[:12]}…): load the base model it was "
+                "trained on")
         if base.get("load_in_4bit"):
             quantize_linear_layers(model, base["quant_type"])
         peft_model = PeftModel.from_pretrained(model, str(directory))

@@ -1,6 +1,7 @@
 """Shared fixtures: configs composed exactly as the CLI does, on the tiny model, offline."""
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch slows 8-12x on a busy 2-core machine without it
@@ -60,6 +61,24 @@ def saved_tiny_model(tmp_path_factory, tokenizer):
     return folder
 
 
+@functools.cache
+def digit_readout():
+    """The answer-token readout of Textual MNIST's ten digits (the tiny model shares SmolLM2's tokenizer)."""
+    from rigsa import assets
+    from rigsa.models import _finish_tokenizer
+    from rigsa.readout import AnswerToken
+    from rigsa.tasks import label_token_ids
+    from transformers import AutoTokenizer
+
+    tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(str(assets.locate("smollm2_135m"))))
+    return AnswerToken(label_token_ids(tokenizer, [str(digit) for digit in range(10)]))
+
+
+def answer_loss(model, batch):
+    """Textual MNIST's training loss: cross-entropy of the answer digit's token."""
+    return digit_readout().loss(model, batch)
+
+
 def method_cfg(method_name: str, overrides=()):
     """The tiny run config with this method; sparse budgets at 10% (the default 0.5% of a 64-wide random model
     learns too little in a few steps)."""
@@ -74,7 +93,6 @@ def attach_method(cfg, data=None, model=None):
     training batches."""
     import torch
 
-    from rigsa.evaluate import answer_loss
     from rigsa.methods import Calibration, build_method
     from rigsa.models import load_model
     from rigsa.run import calibration_batches
@@ -85,13 +103,13 @@ def attach_method(cfg, data=None, model=None):
     return method.attach(model, Calibration(batches, answer_loss)), method
 
 
-def train_steps(model, method, cfg, data, checkpoint_path, steps: int, lr: float):
-    """Train `steps` optimizer steps at a constant lr in float32 (the TrainResult)."""
+def train_steps(model, method, cfg, data, checkpoint_path, steps: int, lr: float, readout=None):
+    """Train `steps` optimizer steps at a constant lr in float32 (the TrainResult); answer-token readout by default."""
     import torch
 
     from rigsa.train import train
 
     train_cfg = cfg.train.copy()
     train_cfg.max_steps, train_cfg.lr, train_cfg.lr_schedule = steps, lr, "constant"
-    return train(model, method, data, train_cfg, seed=0, device=torch.device("cpu"), dtype="float32",
+    return train(model, method, data, train_cfg, readout=readout or digit_readout(), seed=0, device=torch.device("cpu"), dtype="float32",
                  eval_batch_size=8, checkpoint_path=checkpoint_path, log_metrics=lambda metrics, step: None)

@@ -67,6 +67,9 @@ CATALOGUE = [
     (["method=lora", "logger=wandb", "logger.mode=loud"], "logger.mode='loud' is invalid", False),
     (["method=lora", "eval.batch_size=0"], "eval.batch_size=0 is invalid", False),
     (["method=lora", "task.test_size=1001"], "task.test_size=1001 is invalid", False),
+    (["method=lora", "task.readout=logits"], "task.readout='logits' is invalid: expected one of ['answer_token', "
+                                             "'classifier_head']", False),
+    (["method=lora", "task.head_init=zeros"], "task.head_init='zeros' is invalid", False),
     (["method=lora", "eval=paper"], "whose data come from the Hugging Face hub, but test: offline", False),
     (["method=lora", "run.name=finished", "train.lr=2e-3"], "holds a run with a different config (train.lr: 0.001 -> "
                                                             "0.002)", False),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -12,13 +13,14 @@ from rigsa.config import ConfigError, compose, options, validate
 from rigsa.run import run
 
 GROUPS = ("model", "method", "task", "pruning", "eval", "logger")
+OWN_DATA = Path(__file__).parent / "fixtures" / "hub" / "glue" / "sst2" / "train.jsonl"  # task=classification's file
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(group, option, saved_tiny_model, monkeypatch):
     monkeypatch.setattr(assets, "hub_unreachable_reason", lambda timeout=5.0: None)  # as on a machine with the hub
     extra = {("model", "local"): [f"model.path={saved_tiny_model}"], ("pruning", "imp"): ["method=rigsa"], ("pruning", "imp_cpu"): ["method=rigsa"],
-             ("pruning", "none"): ["method=lora"]}.get((group, option), [])
+             ("pruning", "none"): ["method=lora"], ("task", "classification"): [f"task.path={OWN_DATA}"]}.get((group, option), [])
     if group == "method" and option != "rigsa":
         extra = ["pruning=none"]  # the default schedule prunes, which only rigsa does
     cfg = compose([f"{group}={option}", *extra])
@@ -187,7 +189,7 @@ def test_pruning_asks_the_method_whether_it_prunes():
 
 
 BASES = {"method": ("sparta", "lora"), "eval": ("target",), "logger": ("wandb",), "model": ("smollm2_135m",),
-         "pruning": ("imp",)}
+         "pruning": ("imp",), "task": ("classification",)}
 # Options that share no family (every one of their fields is their own). A new option either starts from a
 # family base above or is listed here.
 STANDALONE = {("method", "rigsa"), ("method", "full"), ("method", "head"), ("task", "textual_mnist"),

@@ -10,6 +10,7 @@ from torch import nn
 from rigsa.config import compose
 from rigsa.evaluate import answer_logits, target_accuracy
 from rigsa.models import load_model
+from rigsa.readout import AnswerToken
 
 from conftest import TINY
 
@@ -27,22 +28,23 @@ class AlwaysAnswers(nn.Module):
         self.scores[answer_ids[digit]] = 5.0
         self.scores[distractor] = 10.0
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, output_hidden_states):
         return SimpleNamespace(logits=self.scores.expand(input_ids.shape[0], logits_to_keep, -1).clone())
 
 
 def test_accuracy_of_a_model_that_always_answers_3_is_the_share_of_3s(tiny_data, tokenizer):
-    answer_ids = tiny_data.answer_token_ids
+    answer_ids = tiny_data.label_token_ids
+    readout = AnswerToken(answer_ids)
     distractor = tokenizer.convert_tokens_to_ids("A")
     assert distractor not in answer_ids.tolist()
     model = AlwaysAnswers(len(tokenizer), answer_ids, digit=3, distractor=distractor)
-    digits = tiny_data.test.digits
+    digits = tiny_data.test.classes
     for limit in (13, 0):  # a prefix (1 three in 13) and the whole split (2 in 20)
         n = limit or len(digits)
-        result = target_accuracy(model, tiny_data.test, answer_ids, 4, CPU, "float32", limit)
+        result = target_accuracy(model, tiny_data.test, readout, 4, CPU, "float32", limit)
         assert result["accuracy"] == pytest.approx(float((digits[:n] == 3).sum()) / n)
         assert result["answer_counts"] == [0, 0, 0, n, 0, 0, 0, 0, 0, 0] and result["n"] == n
-    assert target_accuracy(model, tiny_data.test, answer_ids, 4, CPU, "float32", 13)["accuracy"] == 1 / 13
+    assert target_accuracy(model, tiny_data.test, readout, 4, CPU, "float32", 13)["accuracy"] == 1 / 13
 
 
 def absolute_positions_model(vocab_size: int) -> nn.Module:

@@ -137,3 +137,89 @@ def test_paper_suite_without_the_hub_fails_before_any_model_loads(tiny_cfg, tmp_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubUnreachable, match="HF_HUB_OFFLINE"):
         run(tiny_cfg("eval=paper"), tmp_path / "run")
+
+
+# ---------------------------------------------------------------- a researcher's own forgetting tasks
+QUIZ = [{"question": "Which is a fruit?", "choices": ["apple", "brick"], "answer": 0},
+        {"question": "Which is hot?", "choices": ["ice", "fire"], "answer": 1},
+        {"question": "Which can fly?", "choices": ["bird", "stone"], "answer": 0}]
+
+
+def quiz_task(folder: Path, dataset_path: str = "json") -> Path:
+    """An lm-eval task YAML of one's own (multiple choice over a local JSONL file), as a researcher writes it."""
+    import json
+
+    data = folder / "quiz.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in QUIZ))
+    yaml_path = folder / "my_quiz.yaml"
+    yaml_path.write_text(f"""task: my_quiz
+dataset_path: {dataset_path}
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: answer
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    return yaml_path
+
+
+def test_an_own_task_yaml_runs_as_the_forgetting_suite_through_include_path(tiny_cfg, tmp_path, monkeypatch,
+                                                                              private_cache):
+    from rigsa import assets
+
+    monkeypatch.setattr(assets, "hub_unreachable_reason", lambda timeout=5.0: "the hub is unreachable (test)")
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    quiz_task(folder)
+    cfg = tiny_cfg(f"eval.include_path=[{folder}]", "eval.forgetting=[{task: my_quiz}]")
+    assert forgetting.needs_hub(cfg.eval) == []  # a local task: the unreachable hub is not asked for
+    results = run(cfg, tmp_path / "run")
+    row = results["forgetting"]["tasks"]["my_quiz"]["acc"]
+    assert row["base"] * 3 == pytest.approx(round(row["base"] * 3)) and row["higher_is_better"] is True
+    by_path = compose(TINY + [f"eval.forgetting=[{{task: '{folder / 'my_quiz.yaml'}'}}]", "eval.limit=2"])
+    model, tokenizer = tiny()
+    scores = forgetting.evaluate_suite(model, tokenizer, by_path.eval, CPU, "float32", 0)
+    assert set(scores) == {"my_quiz"} and scores["my_quiz"]["n"] == 2  # named by its path; eval.limit for all
+
+
+def test_an_own_task_on_the_hub_still_needs_it_and_bad_paths_are_refused(tmp_path):
+    from rigsa.config import ConfigError, validate
+
+    quiz_task(tmp_path, dataset_path="someone/quiz_on_the_hub")
+    cfg = compose(TINY + [f"eval.include_path=[{tmp_path}]", "eval.forgetting=[{task: my_quiz}, {task: piqa}]"])
+    assert forgetting.needs_hub(cfg.eval) == ["my_quiz", "piqa"]
+    for override, message in ((["eval.include_path=[/no/such/folder]"], "eval.include_path='/no/such/folder'"),
+                               (["eval.forgetting=[{task: /no/such/task.yaml}]"], "an lm-eval task YAML"),
+                               (["eval.limit=0"], "eval.limit=0")):
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            validate(compose(TINY + override))
+
+
+def test_builtin_tasks_read_local_csv_and_parquet_and_refuse_other_formats(tmp_path):
+    import datasets
+
+    from rigsa.config import ConfigError, validate
+
+    rows = datasets.load_dataset("json", data_files=str(FIXTURES / "piqa.jsonl"))["train"]
+    rows.to_csv(str(tmp_path / "piqa.csv"), index=False)
+    rows.to_parquet(str(tmp_path / "piqa.parquet"))
+    model, tokenizer = tiny()
+    metrics = {}
+    for path in (FIXTURES / "piqa.jsonl", tmp_path / "piqa.csv", tmp_path / "piqa.parquet"):
+        cfg = compose(TINY + [f"eval.forgetting=[{{task:piqa,data_files:{{validation:'{path}',train:'{path}'}}}}]"])
+        validate(cfg)
+        scores = forgetting.evaluate_suite(model, tokenizer, cfg.eval, CPU, "float32", 0)["piqa_local"]
+        assert scores["n"] == 5
+        metrics[path.suffix] = scores["metrics"]
+    assert metrics[".csv"] == pytest.approx(metrics[".jsonl"]) and metrics[".parquet"] == pytest.approx(metrics[".jsonl"])
+    (tmp_path / "piqa.txt").write_text("goal\n")
+    with pytest.raises(ConfigError, match=r"data_files.validation=.*piqa.txt.*expected a format datasets reads: "
+                                          r".csv, .json, .jsonl, .parquet"):
+        validate(compose(TINY + [f"eval.forgetting=[{{task:piqa,data_files:{{validation:'{tmp_path / 'piqa.txt'}'}}}}]"]))

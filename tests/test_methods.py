@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from rigsa.config import options
-from rigsa.evaluate import answer_logits, target_accuracy
+from rigsa.evaluate import target_accuracy
 from rigsa.methods import trainable_named
 from rigsa.models import load_model
 from rigsa.sparse.engine import sparse_layers, unmerge_all
 from rigsa.train import train
 
-from conftest import attach_method, method_cfg, train_steps
+from conftest import answer_loss, attach_method, digit_readout, method_cfg, train_steps
 
 CPU = torch.device("cpu")
 
@@ -92,12 +92,12 @@ def test_qlora_quantizes_the_base_and_keeps_learning_after_an_evaluation(tiny_da
     def train_loss_and_grads() -> tuple[float, dict]:
         model.train()
         model.zero_grad()
-        loss = torch.nn.functional.cross_entropy(answer_logits(model, batch), batch["labels"])
+        loss = answer_loss(model, batch)
         loss.backward()
         return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
     loss_before, grads_before = train_loss_and_grads()
-    target_accuracy(model, data.test, data.answer_token_ids, 8, CPU, "float32")  # the no-grad forward
+    target_accuracy(model, data.test, digit_readout(), 8, CPU, "float32")  # the no-grad forward
     loss_after, grads_after = train_loss_and_grads()
     assert loss_after == pytest.approx(loss_before, rel=1e-5)
     for name, grad in grads_before.items():  # the trap leaves only the residual/LoRA paths: grads differ
@@ -115,7 +115,7 @@ def test_snip_reselection_moves_the_mask_during_the_first_epoch_only(tiny_data, 
     logged = []
     train_cfg = cfg.train.copy()
     train_cfg.max_steps, train_cfg.lr = 8, 1e-2  # 32 digits / batch 8 = 4 steps per epoch
-    train(model, method, data, train_cfg, seed=0, device=CPU, dtype="float32", eval_batch_size=8,
+    train(model, method, data, train_cfg, readout=digit_readout(), seed=0, device=CPU, dtype="float32", eval_batch_size=8,
           checkpoint_path=tmp_path / "state.pt", log_metrics=lambda metrics, step: logged.append((step, metrics)))
     moved = {step: metrics["reselect/moved"] for step, metrics in logged if "reselect/moved" in metrics}
     assert sorted(moved) == [2, 4] and any(value > 0 for value in moved.values())  # steps 6, 8: past epoch 1
@@ -124,7 +124,6 @@ def test_snip_reselection_moves_the_mask_during_the_first_epoch_only(tiny_data, 
 
 def test_selection_scores_with_the_loss_attach_is_given(tiny_data):
     """No method imports the task's loss: gallop/snip score calibration gradients with the one passed in."""
-    from rigsa.evaluate import answer_loss
     from rigsa.methods import Calibration, build_method
     from rigsa.run import calibration_batches
 

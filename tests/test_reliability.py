@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from rigsa import cache, checkpoints, evaluate, models, run_folder, tracking
 from rigsa.cache import UnreadableFile
 from rigsa.config import ConfigError
+from rigsa.readout import AnswerToken
 from rigsa.run import run
 from rigsa.train import TrainingDiverged
 
@@ -30,15 +31,17 @@ def files_of(folder):
 
 
 def nan_loss_at(monkeypatch, bad_calls: set[int]):
-    """Make the training loss NaN on these calls (1-based) of answer_loss in the training loop."""
+    """Make the training loss NaN on these calls (1-based) of the readout's loss in the training loop."""
     calls = []
 
-    def loss(model, batch):
+    real = AnswerToken.loss
+
+    def loss(self, model, batch):
         calls.append(1)
-        value = evaluate.answer_loss(model, batch)
+        value = real(self, model, batch)
         return value * float("nan") if len(calls) in bad_calls else value
 
-    monkeypatch.setattr("rigsa.train.answer_loss", loss)
+    monkeypatch.setattr(AnswerToken, "loss", loss)
 
 
 # ------------------------------------------------------------------------------------------ 1. divergence

@@ -5,14 +5,13 @@ import pytest
 import torch
 
 from rigsa.config import compose
-from rigsa.evaluate import answer_loss
 from rigsa.methods import Calibration, PruneStep, build_method
 from rigsa.methods.rigsa import DenseGatedLinear, initial_delta
 from rigsa.models import load_model
 from rigsa.sparse.engine import SparseDeltaLinear
 from rigsa.sparse.schedule import phases
 
-from conftest import TINY
+from conftest import TINY, answer_loss
 
 IDS = torch.tensor([[5, 17, 300, 42, 7, 9, 11, 2]])
 

@@ -8,6 +8,7 @@ import torch
 
 from rigsa import evaluate
 from rigsa.config import ConfigError
+from rigsa.readout import AnswerToken
 from rigsa.run import run
 
 RESULT_KEYS = {"method", "model", "task", "seed", "trainable_params", "total_params", "target", "train",
@@ -81,9 +82,8 @@ def test_target_accuracy_on_a_prefix_equals_the_accuracy_of_the_prefix_alone(tin
     cfg = tiny_cfg()
     model, tokenizer = load_model(cfg.model, 0)
     data = build_task(cfg.task, tokenizer, cfg.train.max_seq_len)
-    prefix = replace(data.test, **{key: getattr(data.test, key)[:13] for key in
-                                  ("input_ids", "attention_mask", "labels", "digits")})
-    args = (data.answer_token_ids, 4, torch.device("cpu"), "float32")
+    prefix = data.test.head(13)
+    args = (AnswerToken(data.label_token_ids), 4, torch.device("cpu"), "float32")
     assert evaluate.target_accuracy(model, data.test, *args, limit=13) == evaluate.target_accuracy(model, prefix, *args)
     assert evaluate.target_accuracy(model, data.test, *args, limit=0)["n"] == 40
 
@@ -113,5 +113,5 @@ def test_eval_every_logs_the_validation_accuracy_of_the_model_at_that_step(tiny_
     model, tokenizer = load_model(cfg.model, cfg.seed)  # the final adapter (step 4), measured independently
     data = build_task(cfg.task, tokenizer, cfg.train.max_seq_len)
     adapted = apply_adapter(model, tmp_path / "run" / "adapter")
-    expected = evaluate.target_accuracy(adapted, data.val, data.answer_token_ids, 16, torch.device("cpu"), "float32")
+    expected = evaluate.target_accuracy(adapted, data.val, AnswerToken(data.label_token_ids), 16, torch.device("cpu"), "float32")
     assert expected["n"] == 30 and logged[4] == pytest.approx(expected["accuracy"])

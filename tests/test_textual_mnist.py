@@ -71,15 +71,16 @@ def test_prompt_ends_where_the_answer_digit_goes(tokenizer):
     cfg = OmegaConf.create({"name": "textual_mnist", "image_size": 7, "train_size": 20, "val_size": 0,
                             "test_size": 10, "split_seed": 0, "chat_template": True})
     data = tm.build(cfg, tokenizer, max_seq_len=1024)
-    assert data.answer_token_ids.tolist() == [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    assert data.label_token_ids.tolist() == [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
     images, labels = tm.load_digits()
     _, _, test = tm.split_indices(labels, 0, 20, 0, 10)
-    prompt = tm.build_prompt(tm.format_grid(images[test[3]], 7), 7, tokenizer, True)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": tm.question(tm.format_grid(images[test[3]], 7), 7)}],
+                                           tokenize=False, add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
     assert tm.format_grid(images[test[3]], 7) in prompt
     answer = str(labels[test[3]])
     with_answer = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-    row = data.test.input_ids[3][data.test.attention_mask[3].bool()].tolist()
-    assert with_answer == row + [data.test.labels[3].item()]  # the answer is the one token after the prompt
-    assert data.test.digits[3].item() == labels[test[3]]
-    assert data.train.input_ids.shape[0] == 20 and data.val.input_ids.shape[0] == 0
+    row = data.test.prompts[3].tolist()
+    assert with_answer == row + [data.label_token_ids[data.test.classes[3]].item()]  # the one token after the prompt
+    assert data.test.classes[3].item() == labels[test[3]]
+    assert len(data.train) == 20 and len(data.val) == 0

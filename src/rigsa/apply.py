@@ -8,6 +8,7 @@ PEFT adapters (adapter_config.json) go through PeftModel, onto a 4-bit base when
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,8 +25,20 @@ def apply_adapter(model: nn.Module, directory: str | Path, merge: bool = True) -
     """Return `model` with the adapter in `directory` applied (merged into the weights by default).
 
     merge=False keeps sparse adapters as trainable engine layers and PEFT adapters as a PeftModel;
-    a dense adapter is always written into the weights."""
+    a dense adapter is always written into the weights. A run with task.readout=classifier_head also saved
+    its classification head: it comes back as `model.classifier_head` (an nn.Linear from the final hidden
+    state at the answer position to the classes; `rigsa.readout.ClassifierHead` scores with it)."""
+    from rigsa.readout import load_head
+
     directory = Path(directory)
+    adapted = _apply(model, directory, merge)
+    head = load_head(directory)
+    if head is not None:
+        adapted.classifier_head = head.to(next(adapted.parameters()).device)
+    return adapted
+
+
+def _apply(model: nn.Module, directory: Path, merge: bool) -> nn.Module:
     if (directory / "adapter.json").exists():
         meta = read_json(directory / "adapter.json")
         tensors = read_tensors(directory / "adapter.safetensors")
@@ -117,7 +130,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SHiRA adapter: {sparse_adapter.export_shira(model, args.adapter, args.out)}")
             return 0
         merged = apply_adapter(model, args.adapter, merge=True)
+        head = merged._modules.pop("classifier_head", None)  # not part of the causal LM: saved beside it
         merged.save_pretrained(args.out)
+        if head is not None:
+            from rigsa.readout import HEAD_FILE, HEAD_META
+
+            for name in (HEAD_FILE, HEAD_META):
+                shutil.copyfile(Path(args.adapter) / name, Path(args.out) / name)
         tokenizer.save_pretrained(args.out)
         print(f"merged model: {args.out}")
         return 0

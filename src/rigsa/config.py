@@ -54,8 +54,18 @@ RigsaMethodConfig = declare("RigsaMethodConfig", MethodConfig, target_modules=Na
                             gate_init=float, gate=str, weight_decay=float, seed=int)
 
 # ---------------------------------------------------------------- task / pruning / eval / logger
-TextualMnistConfig = declare("TextualMnistConfig", name=str, image_size=int, train_size=int, val_size=int,
-                             test_size=int, split_seed=int, chat_template=bool)
+TaskConfig = declare("TaskConfig", family=str, name=str, tag=str, readout=str, head_init=str, chat_template=bool,
+                     split_seed=int)
+TextualMnistConfig = declare("TextualMnistConfig", TaskConfig, image_size=int, train_size=int, val_size=int,
+                             test_size=int)
+SplitRecipeConfig = declare("SplitRecipeConfig", train=str, dev=OptionalText, dev_size=Optional[int], dev_pick=str,
+                            test=Names, fractions=Dict[str, float], column=OptionalText)
+ClassificationConfig = declare("ClassificationConfig", TaskConfig, path=OptionalText, hub_id=OptionalText,
+                               hub_config=OptionalText, revision=OptionalText, data_files=Any,
+                               text_column=str, text_pair_column=OptionalText, label_column=str,
+                               labels=Optional[List[Any]], label_words=Names, instruction=str, text_label=str,
+                               text_pair_label=str,
+                               splits=SplitRecipeConfig, max_train_size=int, max_prompt_tokens=int, metric=str)
 PruningConfig = declare("PruningConfig", name=str)
 ImpPruningConfig = declare("ImpPruningConfig", PruningConfig, iterations=int, keep_fraction=float,
                            epochs_per_iteration=float, steps_per_iteration=int, sign_constraint=bool,
@@ -71,7 +81,8 @@ class ForgettingTaskConfig:
 
 
 EvalConfig = declare("EvalConfig", name=str, target=bool, batch_size=int, iteration_test_size=int,
-                     forgetting=List[ForgettingTaskConfig], lm_eval_batch_size=int, apply_chat_template=bool)
+                     forgetting=List[ForgettingTaskConfig], include_path=Names, limit=Optional[float],
+                     lm_eval_batch_size=int, apply_chat_template=bool)
 LoggerConfig = declare("LoggerConfig", name=str, mode=str, project=str, entity=OptionalText, log_adapter=bool)
 
 # ---------------------------------------------------------------- top level
@@ -94,6 +105,7 @@ def register_schemas() -> None:
     cs.store(group="schema/method", name="sparse_mask", node=SparseMaskMethodConfig)
     cs.store(group="schema/method", name="rigsa", node=RigsaMethodConfig)
     cs.store(group="schema/task", name="textual_mnist", node=TextualMnistConfig)
+    cs.store(group="schema/task", name="classification", node=ClassificationConfig)
     cs.store(group="schema/pruning", name="none", node=PruningConfig)
     cs.store(group="schema/pruning", name="imp", node=ImpPruningConfig)
     cs.store(group="schema/eval", name="eval", node=EvalConfig)
@@ -145,7 +157,7 @@ def check_declared(node: DictConfig, prefix: str = "") -> None:
         child = node._get_node(key)
         if isinstance(child, DictConfig):
             check_declared(child, f"{prefix}{key}.")
-        elif isinstance(child, ListConfig):
+        elif isinstance(child, ListConfig) and not child._is_none():  # a null list (task.labels) holds nothing
             for number, item in enumerate(child):
                 if isinstance(item, DictConfig):
                     check_declared(item, f"{prefix}{key}[{number}].")
@@ -220,11 +232,14 @@ def validate(cfg: DictConfig):
         fail("dtype", cfg.dtype, "one of ['float32', 'bfloat16', 'float16']", "pass dtype=bfloat16")
     check_device(cfg.device)
 
-    task = cfg.task
-    if task.name == "textual_mnist":
-        from rigsa.tasks.textual_mnist import check_config
+    from rigsa.readout import HEAD_INITS, READOUTS
+    from rigsa.tasks import family
 
-        check_config(task, fail)
+    if cfg.task.readout not in READOUTS:
+        fail("task.readout", cfg.task.readout, f"one of {list(READOUTS)}", "pass task.readout=answer_token")
+    if cfg.task.head_init not in HEAD_INITS:
+        fail("task.head_init", cfg.task.head_init, f"one of {list(HEAD_INITS)}", "pass task.head_init=auto")
+    family(cfg.task).check_config(cfg.task, fail)
 
     from rigsa.methods import build_method
 
@@ -244,11 +259,7 @@ def validate(cfg: DictConfig):
              "pass logger.mode=offline")
     check_positive(cfg, "eval.batch_size")
     check_positive(cfg, "eval.lm_eval_batch_size")
-    for number, task in enumerate(cfg.eval.forgetting):
-        if task.limit is not None and task.limit <= 0:
-            fail(f"eval.forgetting[{number}].limit", task.limit, "null (all) or > 0", "pass a positive limit")
-        for split, path in (task.data_files or {}).items():
-            if not os.path.exists(os.path.expanduser(path)):
-                fail(f"eval.forgetting[{number}].data_files.{split}", path, "an existing JSON/JSONL file",
-                     "point data_files at local files with the task's fields")
+    from rigsa.forgetting import check_suite
+
+    check_suite(cfg.eval, fail)
     return method

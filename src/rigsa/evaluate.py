@@ -1,7 +1,8 @@
-"""Target-task metrics: the answer logits, the training loss, and accuracy over the answer tokens.
+"""Target-task metrics: the forward pass at the answer position, and the scores of a readout's predictions.
 
-Textual MNIST accuracy is the argmax over the ten digit tokens' logits at the answer position
-(the last prompt position), measured the same way for the base and the adapted model.
+Every task is a classification read at the last prompt position (prompts are left-padded), measured
+the same way for the base and the adapted model. A readout (rigsa.readout) turns that position into
+one score per class; the prediction is the argmax over the classes.
 """
 from __future__ import annotations
 
@@ -18,25 +19,24 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
-def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, vocab] at the last prompt position (prompts are left-padded)."""
+def forward_last(model: nn.Module, batch: dict[str, torch.Tensor], hidden: bool = False):
+    """The model's output at the last prompt position: position ids count the real tokens of each left-padded
+    row (0 at its first token), so a padded prompt is computed as if it stood alone."""
     mask = batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    output = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, logits_to_keep=1)
-    return output.logits[:, -1, :].float()
+    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                 output_hidden_states=hidden)
 
 
-def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the answer token (the loss of every training step and of calibration)."""
-    return nn.functional.cross_entropy(answer_logits(model, batch), batch["labels"])
+def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, vocab] at the last prompt position."""
+    return forward_last(model, batch).logits[:, -1, :].float()
 
 
 @torch.no_grad()
-def target_accuracy(model: nn.Module, split, answer_token_ids: torch.Tensor, batch_size: int,
-                    device: torch.device, dtype: str, limit: int = 0) -> dict:
-    """Accuracy of the argmax over the answer tokens, and how often each answer was given.
-
-    limit > 0 evaluates the first `limit` examples only (a prefix of the test set is stratified)."""
+def predict(model: nn.Module, split, readout, batch_size: int, device: torch.device, dtype: str,
+            limit: int = 0) -> torch.Tensor:
+    """The readout's predicted class of the first `limit` examples (all when limit is 0)."""
     was_training = model.training
     model.eval()
     predictions = []
@@ -45,23 +45,48 @@ def target_accuracy(model: nn.Module, split, answer_token_ids: torch.Tensor, bat
         indices = torch.arange(start, min(start + batch_size, n))
         batch = {key: value.to(device) for key, value in split.batch(indices).items()}
         with autocast(device, dtype):
-            logits = answer_logits(model, batch)
-        predictions.append(logits[:, answer_token_ids.to(device)].argmax(-1).cpu())
+            predictions.append(readout.scores(model, batch).argmax(-1).cpu())
     model.train(was_training)
-    predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
-    correct = (predicted == split.digits[:n]).sum().item()
-    return {"accuracy": correct / max(1, n), "n": n,
-            "answer_counts": torch.bincount(predicted, minlength=len(answer_token_ids)).tolist()}
+    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+
+
+def classification_metrics(predicted: torch.Tensor, classes: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy; for two classes also F1 of class 1 (GLUE's positive class: equivalent, duplicate, ...) and the
+    Matthews correlation (CoLA's metric), both 0.0 where undefined (no positive prediction or a constant one)."""
+    metrics = {"accuracy": int((predicted == classes).sum()) / len(classes) if len(classes) else 0.0}
+    if num_classes == 2:
+        tp = int(((predicted == 1) & (classes == 1)).sum())
+        fp = int(((predicted == 1) & (classes == 0)).sum())
+        fn = int(((predicted == 0) & (classes == 1)).sum())
+        tn = int(((predicted == 0) & (classes == 0)).sum())
+        metrics["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        denominator = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+        metrics["mcc"] = (tp * tn - fp * fn) / denominator if denominator else 0.0
+    return metrics
+
+
+def target_accuracy(model: nn.Module, split, readout, batch_size: int, device: torch.device, dtype: str,
+                    limit: int = 0) -> dict:
+    """Accuracy (and F1/MCC for two classes) of the readout's argmax, and how often each class was answered.
+
+    limit > 0 evaluates the first `limit` examples only (a prefix of Textual MNIST's test set is stratified)."""
+    predicted = predict(model, split, readout, batch_size, device, dtype, limit)
+    n = len(predicted)
+    metrics = classification_metrics(predicted, split.classes[:n], readout.num_classes)
+    return {"accuracy": metrics["accuracy"], "n": n, "metrics": metrics,
+            "answer_counts": torch.bincount(predicted, minlength=readout.num_classes).tolist()}
 
 
 def accuracy_problem(result, n: int, answers: int) -> str | None:
     """What is wrong with a stored target_accuracy result for a test set of n examples and `answers`
-    answer tokens (a base-score cache entry), or None."""
-    if not isinstance(result, dict) or set(result) != {"accuracy", "n", "answer_counts"}:
+    classes (a base-score cache entry), or None."""
+    if not isinstance(result, dict) or set(result) != {"accuracy", "n", "answer_counts", "metrics"}:
         return f"not an accuracy record (keys {sorted(result) if isinstance(result, dict) else type(result).__name__})"
     counts = result["answer_counts"]
     if result["n"] != n or not isinstance(counts, list) or len(counts) != answers or sum(counts) != n:
         return f"measured on {result['n']} examples with {len(counts) if isinstance(counts, list) else '?'} answers"
     if not isinstance(result["accuracy"], (int, float)) or not 0 <= result["accuracy"] <= 1:
         return f"accuracy {result['accuracy']!r} is not in [0, 1]"
+    if not isinstance(result["metrics"], dict) or result["metrics"].get("accuracy") != result["accuracy"]:
+        return "its metrics do not hold its accuracy"
     return None

@@ -1,11 +1,13 @@
 """Forgetting through lm-eval, on the in-memory model: base (cached on disk) versus adapted.
 
 A suite is a list of lm-eval tasks. Built-in tasks (piqa, hellaswag, gsm8k) load their data from
-the Hugging Face hub; `data_files` points one at local JSON files instead, through an `include:`
-of the built-in YAML, so the fixtures and the hub data run the same task code. rigsa's own
-offline tasks (GSM8K from a packaged file) ship as YAML templates in `rigsa/lm_eval_tasks/` and
-are rendered next to their data under $RIGSA_CACHE; lm-eval finds both through
-`TaskManager(include_path=...)`.
+the Hugging Face hub; `data_files` points one at local csv, JSON/JSONL or parquet files instead,
+through an `include:` of the built-in YAML, so the fixtures and the hub data run the same task
+code. rigsa's own offline tasks (GSM8K from a packaged file) ship as YAML templates in
+`rigsa/lm_eval_tasks/` and are rendered next to their data under $RIGSA_CACHE. A researcher's own
+task YAMLs come from the folders in `eval.include_path`, or are named by their YAML's path; lm-eval
+finds all of them through `TaskManager(include_path=...)`, and only tasks whose data lm-eval would
+fetch from the hub need it.
 
 Forgetting is signed so that a positive number means the model got worse, whatever the metric's
 direction (lm-eval's `higher_is_better`).
@@ -32,16 +34,71 @@ GSM8K_FEWSHOT_ROWS = 50  # the first 50 GSM8K test questions are few-shot exempl
 COLLAPSE_BELOW = 0.01
 # The suite averages use these (on comparable 0-1 / bits scales); perplexities stay per task only.
 PRIMARY_METRICS = ("acc", "acc_norm", "exact_match", "bits_per_byte")  # "collapsed": a higher-is-better score at or below this where the base was above it
+DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}  # local data_files
+LOCAL_DATASET_PATHS = ("json", "csv", "parquet", "arrow", "text")  # lm-eval dataset_path values read from disk
 
 
 class HubUnreachable(RuntimeError):
     """The suite needs the Hugging Face hub and it cannot be reached."""
 
 
+def read_task_yaml(path: Path) -> dict:
+    """An lm-eval task YAML as plain data (its `!function` tags read as None)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    loaded = yaml.load(Path(path).read_text(), Loader)
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def is_yaml_path(name: str) -> bool:
+    return str(name).endswith((".yaml", ".yml"))
+
+
+def include_paths(suite: DictConfig) -> list[Path]:
+    """eval.include_path's folders, and the folder of each task named by its YAML path."""
+    folders = [Path(folder).expanduser().resolve() for folder in suite.include_path]
+    folders += [Path(task.task).expanduser().resolve().parent for task in suite.forgetting if is_yaml_path(task.task)]
+    return list(dict.fromkeys(folders))
+
+
+def user_tasks(suite: DictConfig) -> dict[str, Path]:
+    """The researcher's own tasks: task name -> its YAML, from the include paths."""
+    found = {}
+    for folder in include_paths(suite):
+        for path in sorted(folder.rglob("*.y*ml")):
+            name = read_task_yaml(path).get("task")
+            if isinstance(name, str):
+                found.setdefault(name, path)
+    return found
+
+
+def reads_local_data(path: Path, depth: int = 0) -> bool:
+    """Whether a task YAML reads its data from disk (a local builder or folder), following `include:`."""
+    config = read_task_yaml(path)
+    dataset = config.get("dataset_path")
+    if dataset is None and config.get("include") and depth < 5:
+        return reads_local_data((path.parent / config["include"]).resolve(), depth + 1)
+    return dataset in LOCAL_DATASET_PATHS or (isinstance(dataset, str) and Path(dataset).expanduser().is_dir())
+
+
 def needs_hub(suite: DictConfig) -> list[str]:
-    """Built-in lm-eval tasks in the suite that would download their data from the hub."""
-    local = {path.stem for path in TEMPLATES.glob("*.yaml")}
-    return [task.task for task in suite.forgetting if task.task not in local and not task.get("data_files")]
+    """Tasks in the suite whose data lm-eval would download from the hub: built-in tasks without data_files,
+    and a researcher's own tasks whose YAML names a hub dataset."""
+    shipped = {path.stem for path in TEMPLATES.glob("*.yaml")}
+    own = user_tasks(suite)
+    hub = []
+    for task in suite.forgetting:
+        name = local_name(task)
+        if name in shipped or task.get("data_files"):
+            continue
+        if name in own and reads_local_data(own[name]):
+            continue
+        hub.append(name)
+    return hub
 
 
 def check_hub(suite: DictConfig, timeout: float = 5.0) -> None:
@@ -66,7 +123,7 @@ def _prepare_gsm8k(folder: Path) -> None:
 def task_folder(suite: DictConfig) -> Path:
     """Render the shipped task templates and any local-data overrides into one include_path folder."""
     digest = hashlib.sha256(json.dumps(OmegaConf.to_container(suite.forgetting, resolve=True), sort_keys=True)
-                            .encode()).hexdigest()[:12]
+                            .encode()).hexdigest()[:12]  # the include paths are passed to lm-eval beside this folder
     folder = writable(assets.cache_root() / "lm_eval_tasks" / digest)
     data_dir = writable(assets.cache_root() / "lm_eval_data")
     if not (data_dir / "gsm8k_eval.jsonl").exists():
@@ -77,7 +134,8 @@ def task_folder(suite: DictConfig) -> Path:
     for task in suite.forgetting:
         if task.get("data_files"):
             (folder / f"{local_name(task)}.yaml").write_text(json.dumps({
-                "include": str(builtin_yaml(task.task)), "task": local_name(task), "dataset_path": "json",
+                "include": str(builtin_yaml(task.task)), "task": local_name(task),
+                "dataset_path": DATA_FORMATS[Path(next(iter(task.data_files.values()))).suffix.lower()],
                 "dataset_name": None,
                 "dataset_kwargs": {"data_files": {split: str(Path(path).expanduser().resolve())
                                                   for split, path in task.data_files.items()}}}, indent=2))
@@ -114,7 +172,46 @@ def builtin_yaml(name: str) -> Path:
 
 
 def local_name(task) -> str:
-    return f"{task.task}_local" if task.get("data_files") else task.task
+    """The name lm-eval knows the task by (and its results are under): `<task>_local` for a built-in task on
+    local data_files, the YAML's own `task:` for a task named by its YAML path, else the name as given."""
+    if task.get("data_files"):
+        return f"{task.task}_local"
+    if is_yaml_path(task.task):
+        return str(read_task_yaml(Path(task.task).expanduser()).get("task"))
+    return task.task
+
+
+def task_limit(suite: DictConfig, task) -> float | None:
+    """eval.limit, when set, is every task's limit; otherwise the task's own."""
+    return suite.limit if suite.limit is not None else task.limit
+
+
+def check_suite(suite: DictConfig, fail) -> None:
+    """The suite's values, checked before any model loads (called by rigsa.config.validate)."""
+    if suite.limit is not None and suite.limit <= 0:
+        fail("eval.limit", suite.limit, "null (each task's own limit) or > 0", "pass eval.limit=100")
+    for folder in suite.include_path:
+        if not Path(folder).expanduser().is_dir():
+            fail("eval.include_path", folder, "existing folders of lm-eval task YAMLs", "check the path")
+    for number, task in enumerate(suite.forgetting):
+        if task.limit is not None and task.limit <= 0:
+            fail(f"eval.forgetting[{number}].limit", task.limit, "null (all) or > 0", "pass a positive limit")
+        yaml_path = Path(task.task).expanduser()
+        if is_yaml_path(task.task) and not (yaml_path.is_file() and isinstance(read_task_yaml(yaml_path).get("task"), str)):
+            fail(f"eval.forgetting[{number}].task", task.task, "an lm-eval task YAML (a file with a `task:` name)",
+                 "check the path, or name the task and pass its folder in eval.include_path")
+        formats = set()
+        for split, path in (task.data_files or {}).items():
+            key = f"eval.forgetting[{number}].data_files.{split}"
+            if not Path(path).expanduser().is_file():
+                fail(key, path, "an existing data file", "point data_files at local files with the task's fields")
+            if Path(path).suffix.lower() not in DATA_FORMATS:
+                fail(key, path, f"a format datasets reads: {', '.join(sorted(DATA_FORMATS))}",
+                     "convert it to jsonl, csv or parquet")
+            formats.add(DATA_FORMATS[Path(path).suffix.lower()])
+        if len(formats) > 1:
+            fail(f"eval.forgetting[{number}].data_files", dict(task.data_files), "files of one format",
+                 "convert them to one format")
 
 
 def evaluate_suite(model: nn.Module, tokenizer, suite: DictConfig, device: torch.device, dtype: str,
@@ -127,7 +224,7 @@ def evaluate_suite(model: nn.Module, tokenizer, suite: DictConfig, device: torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(task_folder(suite)))
+    manager = TaskManager(include_path=[str(task_folder(suite)), *map(str, include_paths(suite))])
     was_training = model.training
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=suite.lm_eval_batch_size, device=str(device))
@@ -138,7 +235,7 @@ def evaluate_suite(model: nn.Module, tokenizer, suite: DictConfig, device: torch
         with autocast(device, dtype), torch.no_grad(), mock.patch.object(lm_eval.evaluator, "get_git_commit_hash",
                                                                           lambda: None):
             output = lm_eval.simple_evaluate(
-                model=lm, tasks=[local_name(task)], num_fewshot=task.num_fewshot, limit=task.limit,
+                model=lm, tasks=[local_name(task)], num_fewshot=task.num_fewshot, limit=task_limit(suite, task),
                 task_manager=manager, apply_chat_template=suite.apply_chat_template, random_seed=seed,
                 numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
                 bootstrap_iters=0)
@@ -157,7 +254,9 @@ def base_scores(model: nn.Module, tokenizer, suite: DictConfig, device, dtype: s
     """The base model's suite scores, cached by model fingerprint, suite settings and lm-eval version."""
     import lm_eval
 
+    own = {name: hashlib.sha256(path.read_bytes()).hexdigest()[:12] for name, path in user_tasks(suite).items()}
     key = {"model": fingerprint, "suite": OmegaConf.to_container(suite.forgetting, resolve=True),
+           "limit": suite.limit, "own_tasks": own,
            "chat_template": suite.apply_chat_template, "dtype": dtype, "seed": seed,
            "lm_eval": getattr(lm_eval, "__version__", "?"),
            "templates": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in TEMPLATES.glob("*.yaml")}}

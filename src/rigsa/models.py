@@ -77,22 +77,32 @@ def check_source(model_cfg: DictConfig) -> None:
                  "model.path=<a local folder>")
 
 
-def load_model(model_cfg: DictConfig, seed: int = 0):
-    """Return (model in eval mode, float32, on CPU; tokenizer with left padding)."""
+def _location(model_cfg: DictConfig) -> tuple[str, str, str | None]:
+    """(source, where the weights are, revision) of a model config."""
     source = model_cfg.source
     if model_cfg.get("path"):
-        source, location = "local", model_cfg.path
-    elif source == "embedded":
-        location = str(assets.locate(model_cfg.name))
-    elif source == "hub":
-        location = model_cfg.hub_id
-    elif source == "tiny":
-        tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(str(assets.locate("smollm2_135m"))))
+        return "local", model_cfg.path, None
+    if source == "embedded":
+        return source, str(assets.locate(model_cfg.name)), None
+    if source == "hub":
+        return source, model_cfg.hub_id, model_cfg.get("revision")
+    if source == "tiny":  # tiny borrows the embedded model's tokenizer
+        return source, str(assets.locate("smollm2_135m")), None
+    raise ValueError(f"model.source={source!r}: expected embedded, hub, tiny or local")
+
+
+def load_tokenizer(model_cfg: DictConfig):
+    """The model's tokenizer, with left padding (seconds: the task is built with it before the weights load)."""
+    _, location, revision = _location(model_cfg)
+    return _finish_tokenizer(AutoTokenizer.from_pretrained(location, revision=revision))
+
+
+def load_model(model_cfg: DictConfig, seed: int = 0, tokenizer=None):
+    """Return (model in eval mode, float32, on CPU; tokenizer with left padding)."""
+    source, location, revision = _location(model_cfg)
+    tokenizer = tokenizer or load_tokenizer(model_cfg)
+    if source == "tiny":
         return build_tiny(model_cfg, len(tokenizer), seed).eval(), tokenizer
-    else:
-        raise ValueError(f"model.source={source!r}: expected embedded, hub, tiny or local")
-    revision = model_cfg.get("revision") if source == "hub" else None
-    tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(location, revision=revision))
     model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=torch.float32)
     return model.eval(), tokenizer
 

@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 from rigsa import checkpoints, forgetting, models, run_folder
 from rigsa.cache import cached
 from rigsa.config import validate
-from rigsa.evaluate import accuracy_problem, answer_loss, target_accuracy
+from rigsa.evaluate import accuracy_problem, target_accuracy
 from rigsa.methods import Calibration, Method
+from rigsa.readout import Readout, build_readout
 from rigsa.sparse.engine import merge_all, unmerge_all
 from rigsa.sparse.schedule import phases
 from rigsa.sparse.targets import check_targets
@@ -32,8 +33,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def count_trainable(method: Method) -> int:
-    return sum(p.numel() for p in method.trainable_parameters())
+def count_trainable(method: Method, readout: Readout) -> int:
+    """The values trained: the method's and the readout's classification head (when task.readout has one)."""
+    return sum(p.numel() for p in [*method.trainable_parameters(), *readout.trainable_parameters()])
 
 
 def calibration_batches(data, cfg: DictConfig, device: torch.device):
@@ -43,8 +45,8 @@ def calibration_batches(data, cfg: DictConfig, device: torch.device):
         yield {key: value.to(device) for key, value in data.train.batch(indices).items()}
 
 
-def accuracy_on_test(model, data, cfg: DictConfig, device: torch.device, limit: int = 0) -> dict:
-    return target_accuracy(model, data.test, data.answer_token_ids, cfg.eval.batch_size, device, cfg.dtype, limit)
+def accuracy_on_test(model, data, readout: Readout, cfg: DictConfig, device: torch.device, limit: int = 0) -> dict:
+    return target_accuracy(model, data.test, readout, cfg.eval.batch_size, device, cfg.dtype, limit)
 
 
 def summarize(suite: dict) -> str:
@@ -62,14 +64,14 @@ def timed(describe, compute) -> tuple[dict, bool]:
 
 
 def iteration_table(rows: list[dict], base: dict | None) -> str:
-    lines = [f"{'phase':<16}{'density':>10}{'trainable':>14}{'accuracy':>10}{'digits':>8}"]
+    lines = [f"{'phase':<16}{'density':>10}{'trainable':>14}{'accuracy':>10}{'examples':>10}"]
     if base is not None:
-        lines.append(f"{'base model':<16}{'':>10}{0:>14}{base['accuracy']:>10.4f}{base['n']:>8}")
+        lines.append(f"{'base model':<16}{'':>10}{0:>14}{base['accuracy']:>10.4f}{base['n']:>10}")
     for row in rows:
         density = f"{row['density']:.4%}" if "density" in row else ""
         accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else ""
         lines.append(f"{row['phase']:<16}{density:>10}{row['trainable_params']:>14,}{accuracy:>10}"
-                     f"{row.get('test_size', ''):>8}")
+                     f"{row.get('test_size', ''):>10}")
     return "\n".join(lines)
 
 
@@ -92,8 +94,8 @@ class Training:
     adapted: dict | None  # the final model's accuracy on the whole test set (None with eval.target=false)
 
 
-def train_phases(model, method: Method, data, cfg: DictConfig, device: torch.device, run_dir: Path,
-                 tracker: Tracker) -> Training:
+def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig, device: torch.device,
+                 run_dir: Path, tracker: Tracker) -> Training:
     """Train each phase of the pruning schedule and apply its prune; with several phases, measure the
     test accuracy after each (on eval.iteration_test_size digits, the last phase on all); and measure
     the final model on the whole test set (reusing the last phase's measurement when no prune followed it)."""
@@ -101,15 +103,17 @@ def train_phases(model, method: Method, data, cfg: DictConfig, device: torch.dev
     iterations, resumed, offset, seconds, tokens, adapted, skipped = [], {}, 0, 0.0, 0, None, 0
     for number, phase in enumerate(schedule):
         last = number + 1 == len(schedule)
-        result = train(model, method, data, cfg.train, seed=cfg.seed, device=device, dtype=cfg.dtype,
-                       checkpoint_path=checkpoints.phase_path(run_dir, phase.name), log_metrics=tracker.log,
-                       eval_batch_size=cfg.eval.batch_size, steps=phase.steps, step_offset=offset, desc=phase.name)
+        result = train(model, method, data, cfg.train, readout=readout, seed=cfg.seed, device=device,
+                       dtype=cfg.dtype, log_metrics=tracker.log, eval_batch_size=cfg.eval.batch_size,
+                       checkpoint_path=checkpoints.phase_path(run_dir, phase.name), steps=phase.steps,
+                       step_offset=offset, desc=phase.name)
         offset, seconds, tokens = offset + phase.steps, seconds + result.seconds, tokens + result.tokens
         resumed[phase.name], skipped = result.resumed_from, skipped + result.skipped_steps
         if len(schedule) > 1:
-            row = {"phase": phase.name, "trainable_params": count_trainable(method), **method.stats()}
+            row = {"phase": phase.name, "trainable_params": count_trainable(method, readout), **method.stats()}
             if cfg.eval.target:
-                adapted = accuracy_on_test(model, data, cfg, device, 0 if last else cfg.eval.iteration_test_size)
+                limit = 0 if last else cfg.eval.iteration_test_size
+                adapted = accuracy_on_test(model, data, readout, cfg, device, limit)
                 row["accuracy"], row["test_size"] = adapted["accuracy"], adapted["n"]
             iterations.append(row)
             tracker.log({f"imp/{key}": value for key, value in row.items() if key != "phase"}, offset, once=True)
@@ -117,7 +121,7 @@ def train_phases(model, method: Method, data, cfg: DictConfig, device: torch.dev
             log.info("pruned (iteration %d): %s", phase.prune.iteration, method.prune(phase.prune))
             adapted = None  # measured before this prune
     if cfg.eval.target and adapted is None:
-        adapted = accuracy_on_test(model, data, cfg, device)
+        adapted = accuracy_on_test(model, data, readout, cfg, device)
     return Training(offset, seconds, tokens, result.final_loss, resumed, skipped, iterations, adapted)
 
 
@@ -143,16 +147,22 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         results = run_folder.read_results(run_dir)
         print(f"{run_dir} is complete; results.json:\n{json.dumps(results, indent=2)}")
         return results
+    # The task's data is read and checked (columns, labels, empty splits) before the folder or the model is touched
+    tokenizer = models.load_tokenizer(cfg.model)
+    data = build_task(cfg.task, tokenizer, cfg.train.max_seq_len)
+    if data.dropped_train:
+        log.warning("dropped %d training examples longer than task.max_prompt_tokens=%d", data.dropped_train,
+                    cfg.task.max_prompt_tokens)
     before = run_folder.contents(run_dir)
     with run_folder.claimed(run_dir), run_folder.kept_until_first_checkpoint(run_dir, before):
         status = run_folder.inspect(cfg, run_dir)  # again, holding the lock: another run may have finished
         if status == "complete":
             return run_folder.read_results(run_dir)
         run_folder.start(cfg, run_dir, status)
-        return experiment(cfg, method, run_dir)
+        return experiment(cfg, method, tokenizer, data, run_dir)
 
 
-def experiment(cfg: DictConfig, method: Method, run_dir: Path) -> dict:
+def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) -> dict:
     """Load, measure the base model, attach, train, measure the adapted model, save: in the claimed folder."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -160,42 +170,52 @@ def experiment(cfg: DictConfig, method: Method, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     tracker = Tracker(cfg, run_dir, checkpoints.resume_step(run_dir))
 
-    model, tokenizer = models.load_model(cfg.model, cfg.seed)
+    model, tokenizer = models.load_model(cfg.model, cfg.seed, tokenizer)
     check_targets(cfg.method, model)  # needs the model; before any evaluation or training
-    data = build_task(cfg.task, tokenizer, cfg.train.max_seq_len)
     model.to(device)
     total_params = sum(p.numel() for p in model.parameters())
     base_fingerprint = models.fingerprint(model)
+    readout = build_readout(cfg.task, data, model, tokenizer, cfg.seed)
     base = base_suite = None
     if cfg.eval.target:
-        key = {"model": base_fingerprint, "task": data.test_key, "dtype": cfg.dtype}
-        base, _ = timed(lambda r: f"base model: test accuracy {r['accuracy']:.4f} on {r['n']} digits",
-                        lambda: cached("base_target", key, lambda: accuracy_on_test(model, data, cfg, device),
-                                       check=lambda r: accuracy_problem(r, len(data.test), len(data.answer_token_ids))))
+        key = {"model": base_fingerprint, "task": data.test_key, "dtype": cfg.dtype, "readout": readout.kind,
+               "head": models.hash_tensors((str(n), p) for n, p in enumerate(readout.trainable_parameters()))}
+        base, _ = timed(lambda r: f"base model: test {data.metric} {r['metrics'][data.metric]:.4f} on {r['n']} "
+                                  f"examples ({readout.kind} readout)",
+                        lambda: cached("base_target", key, lambda: accuracy_on_test(model, data, readout, cfg, device),
+                                       check=lambda r: accuracy_problem(r, len(data.test), readout.num_classes)))
     if cfg.eval.forgetting:
         base_suite, _ = timed(lambda r: f"base model, eval={cfg.eval.name}: {summarize(r)}",
                               lambda: forgetting.base_scores(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed,
                                                              base_fingerprint))
 
     torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
-    model = method.attach(model, Calibration(calibration_batches(data, cfg, device), answer_loss)).to(device)
-    initial_trainable = count_trainable(method)
-    print(f"{method.name}: {initial_trainable:,} trainable of {total_params:,} parameters")
+    model = method.attach(model, Calibration(calibration_batches(data, cfg, device), readout.loss,
+                                             readout.kind)).to(device)
+    initial_trainable = count_trainable(method, readout)
+    head_params = sum(parameter.numel() for parameter in readout.trainable_parameters())
+    print(f"{method.name}: {initial_trainable:,} trainable of {total_params:,} parameters"
+          + (f" (with the {head_params:,}-value classification head)" if head_params else ""))
 
-    training = train_phases(model, method, data, cfg, device, run_dir, tracker)
+    training = train_phases(model, method, readout, data, cfg, device, run_dir, tracker)
     if training.iterations:
         print(iteration_table(training.iterations, base))
     forgetting_results = adapted_forgetting(model, tokenizer, cfg, device, base_suite) if base_suite else None
 
     adapter_dir = run_dir / "adapter"
     method.save(adapter_dir)
+    readout.save(adapter_dir)
     adapted = training.adapted
     results = {
         "method": method.name, "model": cfg.model.name, "task": cfg.task.name, "seed": cfg.seed,
-        "trainable_params": count_trainable(method), "initial_trainable_params": initial_trainable,
+        "trainable_params": count_trainable(method, readout), "initial_trainable_params": initial_trainable,
         "total_params": total_params,
         "target": {"base_accuracy": base and base["accuracy"], "accuracy": adapted and adapted["accuracy"],
-                   "test_size": len(data.test), "base_answer_counts": base and base["answer_counts"],
+                   "metric": data.metric, "base_metrics": base and base["metrics"],
+                   "metrics": adapted and adapted["metrics"], "readout": readout.kind,
+                   "head_params": head_params, "label_words": data.label_words,
+                   "test_size": len(data.test), "train_size": len(data.train), "dropped_train": data.dropped_train,
+                   "base_answer_counts": base and base["answer_counts"],
                    "answer_counts": adapted and adapted["answer_counts"]},
         "train": {"steps": training.steps, "seconds": training.seconds, "tokens": training.tokens,
                   "tokens_per_second": training.tokens / training.seconds if training.seconds else 0.0,
@@ -209,8 +229,8 @@ def experiment(cfg: DictConfig, method: Method, run_dir: Path) -> dict:
     }
     tracker.finish(results, adapter_dir, cfg.logger.log_adapter)
     if adapted is not None:
-        print(f"{method.name} on {cfg.task.name}: test accuracy {base['accuracy']:.4f} (base) -> "
-              f"{adapted['accuracy']:.4f} (adapted) on {len(data.test)} digits; trained {training.steps} steps "
-              f"in {training.seconds / 60:.1f} min ({results['train']['tokens_per_second']:.0f} tokens/s)")
+        print(f"{method.name} on {cfg.task.name}: test {data.metric} {base['metrics'][data.metric]:.4f} (base) -> "
+              f"{adapted['metrics'][data.metric]:.4f} (adapted) on {len(data.test)} examples; trained {training.steps} "
+              f"steps in {training.seconds / 60:.1f} min ({results['train']['tokens_per_second']:.0f} tokens/s)")
     print(f"results: {run_dir / 'results.json'}")
     return results

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rigsa import checkpoints
-from rigsa.evaluate import answer_loss, autocast, target_accuracy
+from rigsa.evaluate import autocast, target_accuracy
+from rigsa.readout import HEAD_NAME
 
 log = logging.getLogger(__name__)
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -76,27 +77,34 @@ def micro_batch_indices(size: int, batch_size: int, seed: int, micro_step: int) 
     return torch.cat(chunks)
 
 
-def method_parameters_by_name(model: nn.Module, method) -> dict[str, nn.Parameter]:
-    """The method's trainable parameters (`trainable_parameters()`), named as in the model (checkpoint keys)."""
+def trained_parameters_by_name(model: nn.Module, method, readout) -> dict[str, nn.Parameter]:
+    """The method's trainable parameters (`trainable_parameters()`), named as in the model, and the readout's
+    classification head (HEAD_NAME): the checkpoint keys."""
     trainable = {id(parameter) for parameter in method.trainable_parameters()}
     named = {name: parameter for name, parameter in model.named_parameters() if id(parameter) in trainable}
     if len(named) != len(trainable):
         raise RuntimeError(f"{method.name}: {len(trainable) - len(named)} trainable parameters are not in the model")
-    return named
+    head = readout.trainable_parameters()
+    return {**named, **({HEAD_NAME: head[0]} if head else {})}
 
 
-def train(model: nn.Module, method, data, train_cfg: DictConfig, *, seed: int, device: torch.device, dtype: str,
+def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, seed: int, device: torch.device,
+          dtype: str,
           checkpoint_path: Path, log_metrics: Callable[[dict, int], None], eval_batch_size: int,
           steps: int | None = None, step_offset: int = 0, desc: str = "train") -> TrainResult:
-    """Train the method's parameters on data.train; checkpoint to `checkpoint_path`; resume from it.
+    """Train the method's parameters (and the readout's head, if any) on data.train with the readout's loss;
+    checkpoint to `checkpoint_path`; resume from it.
 
     `method` (rigsa.methods.Method) gives the AdamW parameter groups and `after_step(global_step,
     optimizer, batch, steps_per_epoch) -> metrics`, run after every optimizer step (SNIP re-selection).
     `steps` defaults to the train config's budget; `step_offset` numbers the steps of a later phase
     after the earlier ones (logging and data order continue)."""
     steps = total_steps(train_cfg, len(data.train)) if steps is None else steps
-    parameters = method_parameters_by_name(model, method)
-    optimizer = torch.optim.AdamW(method.param_groups(train_cfg.weight_decay), lr=train_cfg.lr)
+    parameters = trained_parameters_by_name(model, method, readout)
+    groups = method.param_groups(train_cfg.weight_decay)
+    if readout.trainable_parameters():  # SpaRTA trains the head densely beside every method, at train.weight_decay
+        groups = [*groups, {"params": readout.trainable_parameters(), "weight_decay": train_cfg.weight_decay}]
+    optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=train_cfg.lr)
     scheduler = get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer,
                               num_warmup_steps=min(train_cfg.warmup_steps, steps), num_training_steps=steps)
     epoch_steps = steps_per_epoch(train_cfg, len(data.train))
@@ -118,7 +126,7 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, seed: int, d
             indices = micro_batch_indices(len(data.train), train_cfg.batch_size, seed, micro_step)
             batch = {key: value.to(device) for key, value in data.train.batch(indices).items()}
             with autocast(device, dtype):
-                loss = answer_loss(model, batch) / train_cfg.grad_accum
+                loss = readout.loss(model, batch) / train_cfg.grad_accum
             loss.backward()
             step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
@@ -148,7 +156,7 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, seed: int, d
         if skipped:
             metrics["train/skipped_steps"] = skipped
         if train_cfg.eval_every and done % train_cfg.eval_every == 0 and len(data.val):
-            val = target_accuracy(model, data.val, data.answer_token_ids, eval_batch_size, device, dtype)
+            val = target_accuracy(model, data.val, readout, eval_batch_size, device, dtype)
             metrics["val/accuracy"] = val["accuracy"]
             model.train()
         log_metrics(metrics, step_offset + done)

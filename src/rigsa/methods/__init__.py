@@ -36,6 +36,7 @@ class Calibration:
     """What a selection rule scores on: training batches and the task's loss on one of them."""
     batches: Iterable[dict]
     loss: Callable[[nn.Module, dict], torch.Tensor]
+    readout: str = "answer_token"  # task.readout: with classifier_head the run trains a classification head itself
 
 
 class Method(Protocol):

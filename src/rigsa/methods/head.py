@@ -2,6 +2,8 @@
 
 SmolLM2 ties the output head to the input embeddings. Training the tied tensor would also change
 the embeddings, so `attach` unties them: the head gets its own trainable copy, initialised equal.
+With task.readout=classifier_head the head trained is the classification head the run adds beside
+the model (SpaRTA's "Head" baseline, §6.3): this method then freezes every model weight and adds nothing.
 """
 from __future__ import annotations
 
@@ -27,15 +29,16 @@ class HeadOnly:
 
     def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         freeze(model)
-        untie_head(model)
-        self.head = model.get_output_embeddings()
+        if calibration.readout != "classifier_head":
+            untie_head(model)
+            self.head = model.get_output_embeddings()
         return model
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [self.head.weight]
+        return [] if self.head is None else [self.head.weight]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {"lm_head.weight": self.head.weight}
+        return {} if self.head is None else {"lm_head.weight": self.head.weight}
 
     def save(self, directory: Path) -> list[Path]:
         return save_state(self.adapter_state(), directory, {"method": self.name})

@@ -8,8 +8,6 @@ prompt position only.
 from __future__ import annotations
 
 import gzip
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,37 +15,14 @@ import torch
 from omegaconf import DictConfig
 
 from rigsa import assets
+from rigsa.config import ConfigError
+from rigsa.tasks import Split, TaskData, label_token_ids, render_prompts, test_set_key
 
 IMAGE_SIZES = (28, 14, 7)
 DIGITS_PER_CLASS = 500
 TEST_PER_CLASS = 100  # the fixed test set: 1,000 digits, 100 per class
 QUESTION = ("Which digit from 0 to 9 does this {size}x{size} image show? Each character is one pixel's "
             "brightness, 0 = dark, 9 = bright.\n\n{grid}\n\nAnswer with the digit only.")
-
-
-@dataclass
-class Split:
-    input_ids: torch.Tensor  # [N, L] prompt tokens, left-padded
-    attention_mask: torch.Tensor  # [N, L]
-    labels: torch.Tensor  # [N] token id of the answer digit
-    digits: torch.Tensor  # [N] the digit 0-9
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[indices], "attention_mask": self.attention_mask[indices],
-                "labels": self.labels[indices]}
-
-
-@dataclass
-class TaskData:
-    name: str
-    train: Split
-    val: Split
-    test: Split
-    answer_token_ids: torch.Tensor  # [10] token id of "0".."9"
-    test_key: str  # hash of the test prompts and answers: keys the base-accuracy cache
 
 
 def check_config(task: DictConfig, fail) -> None:
@@ -102,46 +77,28 @@ def split_indices(labels: np.ndarray, seed: int, train_size: int, val_size: int,
     return train, val, test
 
 
-def build_prompt(grid: str, size: int, tokenizer, chat_template: bool) -> str:
-    question = QUESTION.format(size=size, grid=grid)
-    if chat_template and tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
-    return question + "\nAnswer: "
-
-
-def answer_token_ids(tokenizer) -> torch.Tensor:
-    ids = []
-    for digit in range(10):
-        encoded = tokenizer.encode(str(digit), add_special_tokens=False)
-        if len(encoded) != 1:
-            raise ValueError(f"the tokenizer splits the digit {digit!r} into {encoded}: Textual MNIST needs one token per digit")
-        ids.append(encoded[0])
-    return torch.tensor(ids)
-
-
-def _encode(prompts: list[str], digits: np.ndarray, tokenizer, answer_ids: torch.Tensor, max_seq_len: int) -> Split:
-    encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-    if encoded["input_ids"].shape[1] > max_seq_len:
-        raise ValueError(f"Textual MNIST prompts are {encoded['input_ids'].shape[1]} tokens, more than "
-                         f"train.max_seq_len={max_seq_len}: raise train.max_seq_len or lower task.image_size")
-    digit_tensor = torch.as_tensor(digits, dtype=torch.long)
-    return Split(encoded["input_ids"], encoded["attention_mask"], answer_ids[digit_tensor], digit_tensor)
+def question(grid: str, size: int) -> str:
+    return QUESTION.format(size=size, grid=grid)
 
 
 def build(task: DictConfig, tokenizer, max_seq_len: int) -> TaskData:
     images, labels = load_digits()
-    answer_ids = answer_token_ids(tokenizer)
     train, val, test = split_indices(labels, task.split_seed, task.train_size, task.val_size, task.test_size)
 
-    def make(indices: np.ndarray) -> tuple[Split, list[str]]:
-        if len(indices) == 0:
-            empty = torch.zeros(0, 1, dtype=torch.long)
-            return Split(empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)), []
-        prompts = [build_prompt(format_grid(images[i], task.image_size), task.image_size, tokenizer, task.chat_template)
-                   for i in indices]
-        return _encode(prompts, labels[indices], tokenizer, answer_ids, max_seq_len), prompts
+    def make(indices: np.ndarray) -> Split:
+        prompts = render_prompts([question(format_grid(images[i], task.image_size), task.image_size) for i in indices],
+                                 tokenizer, task.chat_template)
+        longest = max((prompt.numel() for prompt in prompts), default=0)
+        if longest > max_seq_len:
+            raise ConfigError(f"train.max_seq_len={max_seq_len} is invalid: expected at least the {longest} tokens of "
+                              "a Textual MNIST prompt. Fix: raise train.max_seq_len or lower task.image_size")
+        return Split(prompts, torch.as_tensor(labels[indices], dtype=torch.long), tokenizer.pad_token_id)
 
-    test_split, test_prompts = make(test)
-    key = hashlib.sha256("\x00".join(test_prompts).encode() + str(labels[test].tolist()).encode()).hexdigest()
-    return TaskData(task.name, make(train)[0], make(val)[0], test_split, answer_ids, key)
+    test_split = make(test)
+    words = [str(digit) for digit in range(10)]
+    answer_ids = label_token_ids(tokenizer, words)
+    for digit, token in zip(words, answer_ids.tolist()):
+        if tokenizer.encode(digit, add_special_tokens=False) != [token]:
+            raise ValueError(f"the tokenizer splits the digit {digit!r}: Textual MNIST needs one token per digit")
+    return TaskData(task.name, make(train), make(val), test_split, words, answer_ids, "accuracy",
+                    test_set_key(test_split, words))

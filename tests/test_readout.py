@@ -12,6 +12,7 @@ from rigsa.config import compose
 from rigsa.methods import Calibration, build_method
 from rigsa.models import load_model
 from rigsa.readout import AnswerToken, ClassifierHead, build_readout
+from rigsa.run import run
 from rigsa.tasks import build_task, render_prompts
 
 from conftest import TINY, train_steps
@@ -106,3 +107,36 @@ def test_a_tokenizer_with_a_bos_token_and_no_chat_template_gets_its_bos_before_e
     assert render_prompts(["Which digit?"], tokenizer, chat_template=False)[0].tolist() == plain  # SmolLM2: none
     data = build_task(compose(TINY + ["task.test_size=10"]).task, llama_like, 1024)  # every task and readout
     assert all(prompt[0].item() == bos and (prompt == bos).sum() == 1 for prompt in data.test.prompts)
+
+
+def test_a_head_only_run_with_the_classifier_readout_saves_and_reloads_the_head_alone(tiny_cfg, tmp_path,
+                                                                                       private_cache, tokenizer):
+    cfg = tiny_cfg("method=head", "task.readout=classifier_head", "train.lr=1e-2", "eval=target")
+    results = run(cfg, tmp_path / "run")
+    assert results["trainable_params"] == results["target"]["head_params"] == 10 * 64  # classes x hidden size
+    base, _ = load_model(cfg.model, 0)
+    reloaded = apply_adapter(load_model(cfg.model, 0)[0], tmp_path / "run" / "adapter")
+    head = reloaded._modules.pop("classifier_head")
+    assert all(torch.equal(value, base.state_dict()[name]) for name, value in reloaded.state_dict().items())
+    data = build_task(cfg.task, tokenizer, 1024)
+    readout = ClassifierHead(head, data.label_words)
+    from rigsa.evaluate import target_accuracy
+
+    assert target_accuracy(reloaded, data.test, readout, 8, CPU, "float32") == {
+        key: results["target"][key] for key in ("accuracy", "metrics", "answer_counts")} | {"n": 40}
+
+
+def test_training_with_the_head_resumes_from_a_checkpoint_bit_for_bit(tokenizer, tmp_path):
+    def trained(stops: list[int], folder):
+        cfg, model, data, readout = head_setup(tokenizer, "method=lora", "method.r=2")
+        method = build_method(cfg.method)
+        torch.manual_seed(0)  # LoRA's initialisation, as run() seeds it
+        model = method.attach(model, Calibration([], readout.loss, readout.kind))
+        for steps in stops:  # each call resumes from the checkpoint the previous one left
+            train_steps(model, method, cfg, data, folder / "state.pt", steps=steps, lr=1e-2, readout=readout)
+        return readout.head.weight.detach().clone(), [p.detach().clone() for p in method.trainable_parameters()]
+
+    head, adapter = trained([4], tmp_path / "straight")
+    resumed_head, resumed_adapter = trained([2, 4], tmp_path / "resumed")
+    assert torch.equal(resumed_head, head) and all(torch.equal(a, b) for a, b in zip(resumed_adapter, adapter))
+    assert not torch.equal(head, trained([2], tmp_path / "short")[0])  # the test can tell 2 steps from 4

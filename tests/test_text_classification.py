@@ -50,8 +50,8 @@ def test_local_files_and_the_hub_layout_give_the_same_task(tokenizer):
     hub = build_task(compose(["task=glue_rte", f"task.hub_id={HUB / 'glue'}", "task.splits.dev_size=4"]).task,
                      tokenizer, 1024)
     files = {split: str(HUB / "glue" / "rte" / f"{split}.jsonl") for split in ("train", "validation")}
-    local = build_task(compose(["task=glue_rte", "task.data_files={" + ", ".join(f"{k}: {v}" for k, v in files.items()) + "}", "task.splits.dev_size=4"]).task,
-                       tokenizer, 1024)
+    data_files = "task.data_files={" + ", ".join(f"{split}: {path}" for split, path in files.items()) + "}"
+    local = build_task(compose(["task=glue_rte", data_files, "task.splits.dev_size=4"]).task, tokenizer, 1024)
     assert hub.test_key == local.test_key and len(hub.train) == len(local.train) == 20
     assert hub.label_words == ["Yes", "No"]  # RTE's label 0 is entailment: "Yes"
     row = json.loads((HUB / "glue" / "rte" / "validation.jsonl").read_text().splitlines()[0])

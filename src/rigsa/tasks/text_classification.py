@@ -86,7 +86,8 @@ def check_config(task: DictConfig, fail) -> None:
     if recipe.dev_pick not in ("last", "shuffled"):
         fail("task.splits.dev_pick", recipe.dev_pick, "last or shuffled", "pass task.splits.dev_pick=last")
     fractions = OmegaConf.to_container(recipe.fractions)
-    if set(fractions) - set(SPLIT_NAMES) or any(v < 0 for v in fractions.values()) or sum(fractions.values()) > 1 + 1e-9:
+    negative = any(value < 0 for value in fractions.values())
+    if set(fractions) - set(SPLIT_NAMES) or negative or sum(fractions.values()) > 1 + 1e-9:
         fail("task.splits.fractions", fractions, "train / dev / test fractions >= 0 that sum to at most 1",
              "pass task.splits.fractions={train: 0.8, dev: 0.1, test: 0.1}")
     for key in ("max_train_size", "max_prompt_tokens"):
@@ -102,7 +103,10 @@ def load_table(task: DictConfig):
         if task.path:
             builder = file_format(task.path, "task.path")
             path = os.path.expanduser(task.path)
-            loaded = datasets.load_from_disk(path) if builder == "saved" else datasets.load_dataset(builder, data_files=path)
+            if builder == "saved":
+                loaded = datasets.load_from_disk(path)
+            else:
+                loaded = datasets.load_dataset(builder, data_files=path)
         elif task.data_files:
             files = {split: os.path.expanduser(path) for split, path in task.data_files.items()}
             loaded = datasets.load_dataset(file_format(next(iter(files.values())), "task.data_files"), data_files=files)
@@ -113,8 +117,9 @@ def load_table(task: DictConfig):
     except Exception as error:  # a file datasets cannot parse, a dataset or config the hub does not have
         source = task.path or (OmegaConf.to_container(task.data_files) if task.data_files
                                else f"{task.hub_id} ({task.hub_config})")
-        raise ConfigError(f"task data {source!r} cannot be read: {type(error).__name__}: {str(error)[:300]}. Fix: point "
-                          "task.path or task.data_files at csv, jsonl or parquet files with the task's columns") from None
+        raise ConfigError(f"task data {source!r} cannot be read: {type(error).__name__}: {str(error)[:300]}. Fix: "
+                          "point task.path or task.data_files at csv, jsonl or parquet files with the task's columns"
+                          ) from None
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
 
 
@@ -162,7 +167,10 @@ def recipe_parts(table, recipe: DictConfig, rng) -> dict:
     if recipe.dev:
         rows = table[recipe.dev]
         size = len(rows) if recipe.dev_size is None else min(recipe.dev_size, len(rows))
-        picked = np.arange(len(rows) - size, len(rows)) if recipe.dev_pick == "last" else rng.permutation(len(rows))[:size]
+        if recipe.dev_pick == "last":
+            picked = np.arange(len(rows) - size, len(rows))
+        else:
+            picked = rng.permutation(len(rows))[:size]
         dev = take(rows, picked)
         if recipe.dev in sources:
             sources[recipe.dev] = take(rows, np.setdiff1d(np.arange(len(rows)), picked))
@@ -187,7 +195,8 @@ def build(task: DictConfig, tokenizer, max_seq_len: int) -> TaskData:
     for name, rows in table.items():
         missing = [column for column in columns if column not in rows.column_names]
         if missing:
-            key = {task.text_column: "text_column", task.label_column: "label_column"}.get(missing[0], "text_pair_column")
+            key = {task.text_column: "text_column", task.label_column: "label_column"}.get(missing[0],
+                                                                                             "text_pair_column")
             raise ConfigError(f"task.{key}={missing[0]!r} is invalid: expected a column of the data's {name!r} split "
                               f"(it has {rows.column_names}). Fix: pass task.{key}=<one of those>")
     parts = split_rows(table, task.splits, task.split_seed, task.max_train_size)
@@ -197,9 +206,9 @@ def build(task: DictConfig, tokenizer, max_seq_len: int) -> TaskData:
         labels = [str(label) for label in rows[task.label_column]]
         unknown = sorted(set(labels) - set(words))
         if unknown:
-            raise ConfigError(f"task.labels={values} is invalid: expected every label of the data, but its {name} split "
-                              f"has the labels {unknown[:5]}. Fix: list every label in task.labels with its word in "
-                              "task.label_words (same order), or drop those rows")
+            raise ConfigError(f"task.labels={values} is invalid: expected every label of the data, but its {name} "
+                              f"split has the labels {unknown[:5]}. Fix: list every label in task.labels with its word "
+                              "in task.label_words (same order), or drop those rows")
         prompts = render_prompts([question(task.instruction, row, task) for row in rows], tokenizer, task.chat_template)
         classes = torch.tensor([values.index(label) for label in labels], dtype=torch.long)
         if name == "train":  # dev and test are kept whole; too long a training prompt is dropped (and counted)
@@ -208,12 +217,12 @@ def build(task: DictConfig, tokenizer, max_seq_len: int) -> TaskData:
             prompts, classes = [prompts[i] for i in kept], classes[kept]
         if name != "dev" and not prompts:
             fix = "raise task.max_prompt_tokens" if name == "train" and dropped else "check task.splits"
-            raise ConfigError(f"the {name} split of task={task.name} is empty (after dropping {dropped} training prompts "
-                              f"over task.max_prompt_tokens={task.max_prompt_tokens}). Fix: {fix}")
+            raise ConfigError(f"the {name} split of task={task.name} is empty (after dropping {dropped} training "
+                              f"prompts over task.max_prompt_tokens={task.max_prompt_tokens}). Fix: {fix}")
         longest = max((prompt.numel() for prompt in prompts), default=0)
         if longest > max_seq_len:
-            raise ConfigError(f"train.max_seq_len={max_seq_len} is invalid: expected at least the longest {name} prompt "
-                              f"({longest} tokens). Fix: pass train.max_seq_len={longest}")
+            raise ConfigError(f"train.max_seq_len={max_seq_len} is invalid: expected at least the longest {name} "
+                              f"prompt ({longest} tokens). Fix: pass train.max_seq_len={longest}")
         splits[name] = Split(prompts, classes, tokenizer.pad_token_id)
     try:
         tokens = label_token_ids(tokenizer, word_list)

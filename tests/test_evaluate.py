@@ -71,3 +71,20 @@ def test_left_padded_batch_gives_the_logits_of_each_prompt_alone(family, tokeniz
         for row, prompt in enumerate(prompts):
             alone = answer_logits(model, tokenizer([prompt], add_special_tokens=False, return_tensors="pt"))
             torch.testing.assert_close(together[row], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_is_padded_to_its_own_longest_prompt_and_scores_each_prompt_as_alone(tokenizer):
+    from rigsa.tasks import Split
+
+    model = load_model(compose(TINY).model, 0)[0]
+    prompts = [torch.tensor(tokenizer(text)["input_ids"]) for text in ("a short one", "Review: " + "long " * 90, "hi")]
+    split = Split(prompts, torch.tensor([0, 1, 0]), tokenizer.pad_token_id)
+    batch = split.batch(torch.tensor([0, 2]))
+    assert batch["input_ids"].shape == (2, prompts[0].numel())  # not the split's longest (the 90-word review)
+    assert batch["attention_mask"].tolist()[1] == [0] * (prompts[0].numel() - prompts[2].numel()) + [1] * prompts[2].numel()
+    with torch.no_grad():
+        together = answer_logits(model, split.batch(torch.arange(3)))
+        for row, prompt in enumerate(prompts):
+            alone = answer_logits(model, split.batch(torch.tensor([row])))
+            assert alone.shape[0] == 1 and split.batch(torch.tensor([row]))["input_ids"].shape[1] == prompt.numel()
+            torch.testing.assert_close(together[row], alone[0], rtol=1e-4, atol=1e-4)

@@ -81,3 +81,15 @@ def test_targets_presets_and_errors():
     with pytest.raises(ConfigError, match=r"target_modules=\['nope'\] is invalid: expected names of this model's linear "
                                           r"layers \(it has \['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj'"):
         find_targets(model, ["nope"])
+
+
+def test_selected_indices_live_on_the_scores_device():
+    """Built on the weights' device, never the CPU: `meta` stands in for CUDA here (mixing devices fails on both)."""
+    from rigsa.sparse.selection import block_top_k, select, top_k  # scope=global masks by value: not on meta
+
+    scores = torch.randn(32, 32, device="meta")
+    assert block_top_k(scores, 64, 8).device.type == "meta"
+    assert top_k(torch.randn(4, device="meta"), 10).device.type == "meta"  # k >= numel: every index
+    weights = {"a": torch.randn(16, 16, device="meta"), "b": torch.randn(8, 16, device="meta")}
+    chosen = select("magnitude", weights, 128, block_size=8)
+    assert all(indices.device.type == "meta" for indices in chosen.values())

@@ -52,7 +52,7 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Flat indices of the k largest scores, sorted ascending."""
     flat = scores.reshape(-1)
     if k >= flat.numel():
-        return torch.arange(flat.numel())
+        return torch.arange(flat.numel(), device=flat.device)
     return torch.sort(torch.topk(flat, k, sorted=False).indices).values
 
 
@@ -65,7 +65,7 @@ def block_top_k(scores: torch.Tensor, k: int, block_size: int) -> torch.Tensor:
     tiles = scores.reshape(rows // block_size, block_size, cols // block_size, block_size).sum((1, 3))
     chosen = top_k(tiles, k // (block_size * block_size))
     tile_row, tile_col = chosen // tiles.shape[1], chosen % tiles.shape[1]
-    offsets = torch.arange(block_size)
+    offsets = torch.arange(block_size, device=scores.device)  # on the scores' device (CUDA), not the CPU
     r = (tile_row[:, None, None] * block_size + offsets[None, :, None]).expand(-1, block_size, block_size)
     c = (tile_col[:, None, None] * block_size + offsets[None, None, :]).expand(-1, block_size, block_size)
     return torch.sort((r * cols + c).reshape(-1)).values
@@ -98,7 +98,7 @@ def select(rule: str, weights: dict[str, torch.Tensor], total: int, *, grads: di
         names = list(scores)
         flat = torch.cat([scores[name].reshape(-1) for name in names])
         chosen = top_k(flat, total)
-        bounds = torch.tensor([0] + [sizes[name] for name in names]).cumsum(0)
+        bounds = torch.tensor([0] + [sizes[name] for name in names], device=flat.device).cumsum(0)
         return {name: chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i]
                 for i, name in enumerate(names)}
     if scope != "per_tensor":

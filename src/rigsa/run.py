@@ -15,6 +15,7 @@ from rigsa import checkpoints, forgetting, models, run_folder
 from rigsa.cache import cached
 from rigsa.config import validate
 from rigsa.evaluate import accuracy_problem, target_accuracy
+from rigsa.memory import model_bytes
 from rigsa.methods import Calibration, Method
 from rigsa.readout import Readout, build_readout
 from rigsa.sparse.engine import merge_all, unmerge_all
@@ -92,6 +93,7 @@ class Training:
     skipped_steps: int  # updates dropped for a non-finite loss or gradient (train.on_nonfinite=skip_step)
     iterations: list[dict]  # one row per phase when the schedule has several: the RIGSA paper's Figure 2
     adapted: dict | None  # the final model's accuracy on the whole test set (None with eval.target=false)
+    memory: dict  # the largest gradient_bytes and optimizer_state_bytes of any phase
 
 
 def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig, device: torch.device,
@@ -100,7 +102,7 @@ def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig,
     test accuracy after each (on eval.iteration_test_size digits, the last phase on all); and measure
     the final model on the whole test set (reusing the last phase's measurement when no prune followed it)."""
     schedule = phases(cfg.pruning, cfg.train, len(data.train))
-    iterations, resumed, offset, seconds, tokens, adapted, skipped = [], {}, 0, 0.0, 0, None, 0
+    iterations, resumed, offset, seconds, tokens, adapted, skipped, memory = [], {}, 0, 0.0, 0, None, 0, {}
     for number, phase in enumerate(schedule):
         last = number + 1 == len(schedule)
         result = train(model, method, data, cfg.train, readout=readout, seed=cfg.seed, device=device,
@@ -109,6 +111,7 @@ def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig,
                        step_offset=offset, desc=phase.name)
         offset, seconds, tokens = offset + phase.steps, seconds + result.seconds, tokens + result.tokens
         resumed[phase.name], skipped = result.resumed_from, skipped + result.skipped_steps
+        memory = {key: max(value, memory.get(key, 0)) for key, value in result.memory.items()}
         if len(schedule) > 1:
             row = {"phase": phase.name, "trainable_params": count_trainable(method, readout), **method.stats()}
             if cfg.eval.target:
@@ -122,7 +125,7 @@ def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig,
             adapted = None  # measured before this prune
     if cfg.eval.target and adapted is None:
         adapted = accuracy_on_test(model, data, readout, cfg, device)
-    return Training(offset, seconds, tokens, result.final_loss, resumed, skipped, iterations, adapted)
+    return Training(offset, seconds, tokens, result.final_loss, resumed, skipped, iterations, adapted, memory)
 
 
 def adapted_forgetting(model, tokenizer, cfg: DictConfig, device: torch.device, base_suite: dict) -> dict:
@@ -224,6 +227,7 @@ def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) 
         "pruning": cfg.pruning.name, "sparse": method.stats() or None, "iterations": training.iterations,
         "forgetting": forgetting_results,
         "peak_memory_bytes": peak_memory_bytes(device),
+        "memory": {**model_bytes(model, readout.trainable_parameters()), **training.memory},
         "base_fingerprint": base_fingerprint,
         "run_dir": str(run_dir),
     }

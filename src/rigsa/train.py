@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rigsa import checkpoints
+from rigsa.memory import training_bytes
 from rigsa.evaluate import autocast, target_accuracy
 from rigsa.readout import HEAD_NAME
 
@@ -45,6 +46,7 @@ class TrainResult:
     resumed_from: int = 0
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient (train.on_nonfinite=skip_step)
+    memory: dict = field(default_factory=dict)  # gradient_bytes, optimizer_state_bytes (rigsa.memory.training_bytes)
 
     @property
     def tokens_per_second(self) -> float:
@@ -173,7 +175,7 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, see
     progress.close()
     seconds = seconds_before + time.perf_counter() - clock
     return TrainResult(steps=steps, seconds=seconds, tokens=tokens, final_loss=loss_value, resumed_from=start,
-                       losses=losses, skipped_steps=skipped)
+                       losses=losses, skipped_steps=skipped, memory=training_bytes(parameters.values(), optimizer))
 
 
 def gradient_norm(parameters: dict[str, nn.Parameter], max_norm: float) -> float:

@@ -1,0 +1,60 @@
+"""Memory accounting, counted from tensors: the bytes of the base weights, the adapter, the gradients and the
+optimizer state (SpaRTA's Table 1 compares methods by these), reported in results.json beside peak memory.
+
+- base weights: every frozen parameter outside the adapter's own layers (a 4-bit weight counts its packed
+  bytes and its quantization state);
+- adapter: the trainable parameters (the classification head included) and the adapter layers' own tensors
+  (a sparse layer's indices, stored base values and gate; RIGSA's masks);
+- gradients and optimizer state: the `.grad` tensors and every tensor in the optimizer's state after the
+  last step of a training phase (the largest over the phases: RIGSA's dense phase).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tensor_bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def quantization_state_bytes(parameter: torch.Tensor) -> int:
+    """The bytes of a bitsandbytes 4-bit weight's quantization state (absmax per block, ...); 0 for others."""
+    state = getattr(parameter, "quant_state", None)
+    if state is None:
+        return 0
+    return sum(tensor_bytes(value) for value in state.as_dict(packed=True).values() if isinstance(value, torch.Tensor))
+
+
+def adapter_modules(model: nn.Module) -> list[nn.Module]:
+    from rigsa.methods.rigsa import DenseGatedLinear
+    from rigsa.sparse.engine import SparseDeltaLinear
+
+    return [module for module in model.modules() if isinstance(module, (SparseDeltaLinear, DenseGatedLinear))]
+
+
+def model_bytes(model: nn.Module, extra_trainable: list[nn.Parameter]) -> dict[str, int]:
+    """{base_weight_bytes, adapter_bytes} of the adapted model (tensors shared by several names counted once)."""
+    adapter_tensors: dict[int, torch.Tensor] = {id(p): p for p in extra_trainable}
+    for module in adapter_modules(model):
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        adapter_tensors.update({id(tensor): tensor for tensor in own if tensor is not getattr(module, "weight", None)
+                                and tensor is not getattr(module, "bias", None)})  # the base layer's own tensors
+    base_tensors: dict[int, torch.Tensor] = {}
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            adapter_tensors[id(parameter)] = parameter
+        elif id(parameter) not in adapter_tensors:
+            base_tensors[id(parameter)] = parameter
+    return {"base_weight_bytes": sum(tensor_bytes(t) + quantization_state_bytes(t) for t in base_tensors.values()),
+            "adapter_bytes": sum(tensor_bytes(t) for t in adapter_tensors.values())}
+
+
+def training_bytes(parameters, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """{gradient_bytes, optimizer_state_bytes} held during training. A gradient is counted at its parameter's
+    size (the engine's values get exactly that, never a dense weight gradient), so a phase replayed from its
+    checkpoint, which takes no step, reports what the uninterrupted run did."""
+    state = [value for per_parameter in optimizer.state.values() for value in per_parameter.values()
+             if isinstance(value, torch.Tensor)]
+    return {"gradient_bytes": sum(tensor_bytes(p) for p in parameters),
+            "optimizer_state_bytes": sum(tensor_bytes(value) for value in state)}

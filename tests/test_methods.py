@@ -146,3 +146,20 @@ def test_selection_scores_with_the_loss_attach_is_given(tiny_data):
     assert all(torch.equal(chosen[name], negated[name]) for name in chosen)
     squared = selected(lambda model, batch: answer_loss(model, batch) ** 2)  # another loss, another mask
     assert any(not torch.equal(chosen[name], squared[name]) for name in chosen)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qlora_4_bit_layers_compute_in_the_runs_dtype_and_reload_so(dtype, tmp_path):
+    """#12: the 4-bit matmul follows `dtype` (it was float32 whatever the run asked for), and so does the reload."""
+    import bitsandbytes as bnb
+
+    from rigsa.apply import apply_adapter
+
+    cfg = method_cfg("qlora", [f"dtype={dtype}"])
+    assert cfg.method.compute_dtype == dtype
+    model, method = attach_method(cfg)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14 and {layer.compute_dtype for layer in layers} == {getattr(torch, dtype)}
+    method.save(tmp_path / "adapter")
+    reloaded = apply_adapter(load_model(cfg.model, 0)[0], tmp_path / "adapter", merge=False)
+    assert {m.compute_dtype for m in reloaded.modules() if isinstance(m, bnb.nn.Linear4bit)} == {getattr(torch, dtype)}

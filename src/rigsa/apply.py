@@ -61,7 +61,7 @@ def _apply(model: nn.Module, directory: Path, merge: bool) -> nn.Module:
                 f"{base['base_fingerprint'][:12]}…; this model hashes to {found[:12]}…): load the base model it was "
                 "trained on")
         if base.get("load_in_4bit"):
-            quantize_linear_layers(model, base["quant_type"])
+            quantize_linear_layers(model, base["quant_type"], getattr(torch, base.get("compute_dtype", "float32")))
         peft_model = PeftModel.from_pretrained(model, str(directory))
         return peft_model.merge_and_unload() if merge else peft_model
     raise FileNotFoundError(f"{directory} holds no adapter (expected adapter.json or adapter_config.json): "

@@ -44,7 +44,7 @@ MethodConfig = declare("MethodConfig", _target_=str, name=str)
 FullMethodConfig = declare("FullMethodConfig", MethodConfig, train_embeddings=bool)
 HeadMethodConfig = declare("HeadMethodConfig", MethodConfig)
 LoraMethodConfig = declare("LoraMethodConfig", MethodConfig, r=int, alpha=float, dropout=float, target_modules=Names,
-                           use_dora=bool, load_in_4bit=bool, quant_type=str)
+                           use_dora=bool, load_in_4bit=bool, quant_type=str, compute_dtype=str)
 BudgetConfig = declare("BudgetConfig", density=Optional[float], params=Optional[int], match=OptionalText, r=int,
                        target_modules=Names, from_run=OptionalText)
 SparseMaskMethodConfig = declare("SparseMaskMethodConfig", MethodConfig, selection=str, target_modules=Names,

@@ -15,8 +15,10 @@ from rigsa.methods import (Calibration, freeze, no_pruning, no_sparse_stats, not
 BASE_FILE = "rigsa_adapter.json"
 
 
-def quantize_linear_layers(model: nn.Module, quant_type: str = "nf4", skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace every nn.Linear (but the head) by a bitsandbytes 4-bit layer, in place; return the count."""
+def quantize_linear_layers(model: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
+                           skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace every nn.Linear (but the head) by a bitsandbytes 4-bit layer whose matmul runs in compute_dtype,
+    in place; return the count."""
     import bitsandbytes as bnb
 
     replaced = 0
@@ -25,7 +27,7 @@ def quantize_linear_layers(model: nn.Module, quant_type: str = "nf4", skip: tupl
             if type(child) is not nn.Linear or child_name in skip:
                 continue
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.float32, quant_type=quant_type, device="meta")
+                                      compute_dtype=compute_dtype, quant_type=quant_type, device="meta")
             layer.weight = bnb.nn.Params4bit(child.weight.data.contiguous(), requires_grad=False, quant_type=quant_type)
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
@@ -46,14 +48,17 @@ class PeftLora:
     stats = no_sparse_stats
 
     def __init__(self, *, name: str, r: int, alpha: float, dropout: float, target_modules: list[str], use_dora: bool,
-                 load_in_4bit: bool, quant_type: str):
+                 load_in_4bit: bool, quant_type: str, compute_dtype: str):
         if r < 1:
             fail("method.r", r, "a rank >= 1", "pass method.r=8")
         if not 0 <= dropout < 1:
             fail("method.dropout", dropout, "0 <= dropout < 1", "pass method.dropout=0.0")
         if load_in_4bit and quant_type not in ("nf4", "fp4"):
             fail("method.quant_type", quant_type, "nf4 or fp4", "pass method.quant_type=nf4")
-        self.name = name
+        if compute_dtype not in ("float32", "bfloat16", "float16"):
+            fail("method.compute_dtype", compute_dtype, "float32, bfloat16 or float16",
+                 "leave it at ${dtype} (the run's dtype) or pass method.compute_dtype=float32")
+        self.name, self.compute_dtype = name, compute_dtype
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
         self.target_modules = list(target_modules)
         self.use_dora, self.load_in_4bit, self.quant_type = bool(use_dora), bool(load_in_4bit), quant_type
@@ -76,7 +81,7 @@ class PeftLora:
         self.base_fingerprint = fingerprint(model)  # of the weights as loaded: apply_adapter refuses another base
         self.base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
         if self.load_in_4bit:
-            quantize_linear_layers(model, self.quant_type)
+            quantize_linear_layers(model, self.quant_type, getattr(torch, self.compute_dtype))
         self.model = get_peft_model(model, self.peft_config())
         return self.model
 
@@ -97,6 +102,7 @@ class PeftLora:
             config["target_modules"] = sorted(config["target_modules"])
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
         base = {"method": self.name, "load_in_4bit": self.load_in_4bit, "quant_type": self.quant_type,
+                "compute_dtype": self.compute_dtype,
                 "base_model": self.base_model, "base_fingerprint": self.base_fingerprint}
         (directory / BASE_FILE).write_text(json.dumps(base, indent=2))
         return sorted(path for path in directory.iterdir() if path.is_file())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -142,3 +143,37 @@ def test_the_resume_step_is_the_latest_global_step_read_without_loading_tensors(
     monkeypatch.setattr(torch, "load", lambda *a, **k: mapped.append(k.get("mmap")) or real(*a, **k))
     assert checkpoints.resume_step(tmp_path / "run") == 6 and mapped == [True, True, True]  # 3 phases, 6 steps
     assert checkpoints.resume_step(tmp_path / "nothing") == 0
+
+
+def test_float16_scales_the_loss_skips_overflowed_steps_and_resumes_with_the_scale(tiny_data, tmp_path, monkeypatch):
+    """#12: float16 had no GradScaler. At a loss scale of 2**24 the float16 backward overflows: those steps are
+    skipped and the scale halves until it fits, and training goes on; the scale is in the checkpoint."""
+    import functools
+
+    from rigsa.train import train
+
+    from conftest import attach_method, digit_readout, method_cfg
+
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__",
+                        functools.partialmethod(torch.amp.GradScaler.__init__, init_scale=2.0 ** 24))
+
+    def trained(stops: list[int], folder):
+        cfg = method_cfg("lora", ["dtype=float16"])
+        torch.manual_seed(0)
+        model, method = attach_method(cfg)
+        train_cfg = cfg.train.copy()
+        train_cfg.lr, train_cfg.lr_schedule = 1e-2, "constant"
+        for steps in stops:
+            train_cfg.max_steps = steps
+            result = train(model, method, tiny_data, train_cfg, readout=digit_readout(), seed=0,
+                           device=torch.device("cpu"), dtype="float16", eval_batch_size=8,
+                           checkpoint_path=folder / "state.pt", log_metrics=lambda metrics, step: None)
+        return result, [p.detach().clone() for p in method.trainable_parameters()], torch.load(
+            folder / "state.pt", weights_only=True)["scaler"]
+
+    straight, values, scaler = trained([16], tmp_path / "straight")
+    assert 0 < straight.skipped_steps < 16 and scaler["scale"] < 2.0 ** 24  # overflowed, then trained
+    assert all(math.isfinite(loss) for loss in straight.losses) and straight.losses[-1] < straight.losses[0]
+    resumed, resumed_values, resumed_scaler = trained([6, 16], tmp_path / "resumed")
+    assert resumed_scaler == scaler and resumed.skipped_steps == straight.skipped_steps
+    assert all(torch.equal(a, b) for a, b in zip(resumed_values, values))

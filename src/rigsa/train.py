@@ -109,12 +109,17 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, see
     optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=train_cfg.lr)
     scheduler = get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer,
                               num_warmup_steps=min(train_cfg.warmup_steps, steps), num_training_steps=steps)
+    # float16's range overflows in the backward pass without loss scaling; bfloat16 and float32 need none (disabled,
+    # the scaler passes everything through unchanged)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     epoch_steps = steps_per_epoch(train_cfg, len(data.train))
     start, tokens_before, seconds_before, loss_value, skipped = 0, 0, 0.0, float("nan"), 0
     if checkpoint_path.exists():
         state = checkpoints.load(checkpoint_path, parameters, optimizer, scheduler, model)
         start, tokens_before, seconds_before = state["step"], state["tokens"], state["seconds"]
         loss_value, skipped = state["loss"], state["skipped_steps"]
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d/%d", checkpoint_path, start, steps)
     model.train()
     tokens, losses, zero_gradient_run = tokens_before, [], 0
@@ -129,21 +134,29 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, see
             batch = {key: value.to(device) for key, value in data.train.batch(indices).items()}
             with autocast(device, dtype):
                 loss = readout.loss(model, batch) / train_cfg.grad_accum
-            loss.backward()
+            scaler.scale(loss).backward()
             step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
+        scaler.unscale_(optimizer)  # the true gradients, for the norm and the clipping
         grad_norm = gradient_norm(parameters, train_cfg.max_grad_norm)
         done = step + 1
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-        if not finite and train_cfg.on_nonfinite == "stop":
+        # float16: gradients that overflowed at this loss scale are the scaler's to handle (skip, lower the scale)
+        overflowed = scaler.is_enabled() and math.isfinite(step_loss) and not finite
+        if not finite and not overflowed and train_cfg.on_nonfinite == "stop":
             raise diverged(step_offset + done, step_loss, grad_norm, loss_value, train_cfg, checkpoint_path)
         if finite:
-            optimizer.step()
+            scaler.step(optimizer)
             loss_value = step_loss
+        elif overflowed:
+            skipped += 1
+            log.info("step %d: float16 gradients overflowed at loss scale %g: update skipped, scale lowered",
+                     step_offset + done, scaler.get_scale())
         else:  # skip_step: drop this update, as a mixed-precision trainer drops an overflowed one
             skipped += 1
             log.warning("step %d: loss %s, gradient norm %s: update skipped (%d so far)", step_offset + done,
                         step_loss, grad_norm, skipped)
+        scaler.update()
         scheduler.step()
         zero_gradient_run = zero_gradient_run + 1 if grad_norm == 0 else 0
         if zero_gradient_run == ZERO_GRADIENT_STEPS:
@@ -171,7 +184,8 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, see
                                "the trained values became non-finite")
             checkpoints.save(checkpoint_path, done, parameters, optimizer, scheduler, model,
                              {"tokens": tokens, "seconds": seconds_before + time.perf_counter() - clock,
-                              "global_step": step_offset + done, "loss": loss_value, "skipped_steps": skipped})
+                              "global_step": step_offset + done, "loss": loss_value, "skipped_steps": skipped,
+                              "scaler": scaler.state_dict()})
     progress.close()
     seconds = seconds_before + time.perf_counter() - clock
     return TrainResult(steps=steps, seconds=seconds, tokens=tokens, final_loss=loss_value, resumed_from=start,

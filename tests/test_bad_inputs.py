@@ -25,7 +25,7 @@ CATALOGUE = [
                                         "train are: batch_size, checkpoint_every,", False),
     (["method=lora", "+train.lrr=1e-3"], "train.lrr is not a setting. Fix: did you mean train.lr?", False),
     (["method=lora", "method.rr=3"], "method.rr is not a setting. Fix: did you mean method.r? The valid keys of "
-                                     "method are: alpha, dropout,", False),
+                                     "method are: alpha, compute_dtype, dropout,", False),
     (["method=lora", "+colour=red"], "colour is not a setting. Fix: The valid keys of the run config are:", False),
     (["method=lora", "train.lr=-1"], "train.lr=-1.0 is invalid: expected a number > 0", False),
     (["method=lora", "train.lr=0"], "train.lr=0.0 is invalid: expected a number > 0", False),

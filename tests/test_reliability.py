@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rigsa import cache, checkpoints, evaluate, models, run_folder, tracking
+from rigsa import cache, checkpoints, models, run_folder, tracking
 from rigsa.cache import UnreadableFile
 from rigsa.config import ConfigError
 from rigsa.readout import AnswerToken

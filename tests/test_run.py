@@ -74,8 +74,6 @@ def test_pruning_iterations_are_measured_on_a_prefix_and_the_last_phase_on_all(t
 
 
 def test_target_accuracy_on_a_prefix_equals_the_accuracy_of_the_prefix_alone(tiny_cfg):
-    from dataclasses import replace
-
     from rigsa.models import load_model
     from rigsa.tasks import build_task
 

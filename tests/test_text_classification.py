@@ -8,7 +8,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from rigsa import models
 from rigsa.config import ConfigError, compose

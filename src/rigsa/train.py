@@ -157,7 +157,11 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, see
             log.warning("step %d: loss %s, gradient norm %s: update skipped (%d so far)", step_offset + done,
                         step_loss, grad_norm, skipped)
         scaler.update()
-        scheduler.step()
+        with warnings.catch_warnings():
+            # a skipped update (a float16 overflow, skip_step) still advances the schedule, on purpose; torch warns
+            # once when that happens before any optimizer step, which a user can do nothing about
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
         zero_gradient_run = zero_gradient_run + 1 if grad_norm == 0 else 0
         if zero_gradient_run == ZERO_GRADIENT_STEPS:
             warnings.warn(f"rigsa: the gradient norm has been exactly 0 for {ZERO_GRADIENT_STEPS} steps (to step "

@@ -5,8 +5,9 @@ optimizer state (SpaRTA's Table 1 compares methods by these), reported in result
   bytes and its quantization state);
 - adapter: the trainable parameters (the classification head included) and the adapter layers' own tensors
   (a sparse layer's indices, stored base values and gate; RIGSA's masks);
-- gradients and optimizer state: the `.grad` tensors and every tensor in the optimizer's state after the
-  last step of a training phase (the largest over the phases: RIGSA's dense phase).
+- gradients and optimizer state: a gradient per trainable tensor, at its size, and every tensor in the
+  optimizer's state after the last step of a training phase (the largest over the phases: RIGSA's dense
+  phase).
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rigsa import checkpoints
-from rigsa.memory import training_bytes
 from rigsa.evaluate import autocast, target_accuracy
+from rigsa.memory import training_bytes
 from rigsa.readout import HEAD_NAME
 
 log = logging.getLogger(__name__)

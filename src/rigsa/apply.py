@@ -28,11 +28,11 @@ def apply_adapter(model: nn.Module, directory: str | Path, merge: bool = True) -
     a dense adapter is always written into the weights. A run with task.readout=classifier_head also saved
     its classification head: it comes back as `model.classifier_head` (an nn.Linear from the final hidden
     state at the answer position to the classes; `rigsa.readout.ClassifierHead` scores with it)."""
-    from rigsa.readout import load_head
+    from rigsa.readout import load_classifier_head
 
     directory = Path(directory)
     adapted = _apply(model, directory, merge)
-    head = load_head(directory)
+    head = load_classifier_head(directory)
     if head is not None:
         adapted.classifier_head = head.to(next(adapted.parameters()).device)
     return adapted

@@ -118,7 +118,7 @@ def build_readout(task_cfg, data, model: nn.Module, tokenizer, seed: int) -> Rea
     return ClassifierHead(head, data.label_words)
 
 
-def load_head(directory: Path) -> nn.Linear | None:
+def load_classifier_head(directory: Path) -> nn.Linear | None:
     """The classification head saved in an adapter folder, or None when it holds none."""
     from rigsa.apply import read_json, read_tensors
 

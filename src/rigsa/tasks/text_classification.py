@@ -75,7 +75,7 @@ def check_config(task: DictConfig, fail) -> None:
     if len(words) < 2 or not all(str(word).strip() for word in words):
         fail("task.label_words", words, "a non-empty word for each of at least two classes, e.g. [No, Yes]",
              "pass task.label_words=[No,Yes]")
-    labels = OmegaConf.to_container(task, resolve=True)["labels"]  # a null list is a ListConfig of None
+    labels = OmegaConf.to_container(task, resolve=True)["labels"]
     if labels is not None and len(labels) != len(words):
         fail("task.labels", labels, f"one label value per label word ({len(words)}: {words})",
              "pass as many task.labels as task.label_words, in the same order")
@@ -93,6 +93,12 @@ def check_config(task: DictConfig, fail) -> None:
     for key in ("max_train_size", "max_prompt_tokens"):
         if task[key] < 1:
             fail(f"task.{key}", task[key], "a number >= 1", f"pass task.{key}=256")
+
+
+def label_values(task: DictConfig) -> list[str]:
+    """The label values in class order, as text (task.labels, or 0, 1, ... when it is null)."""
+    labels = OmegaConf.to_container(task, resolve=True)["labels"]  # a null list is a ListConfig of None
+    return [str(label) for label in (labels if labels is not None else range(len(task.label_words)))]
 
 
 def load_table(task: DictConfig):
@@ -188,8 +194,7 @@ def question(instruction: str, row: dict, task: DictConfig) -> str:
 def build(task: DictConfig, tokenizer, max_seq_len: int) -> TaskData:
     table = load_table(task)
     word_list = [str(word) for word in task.label_words]
-    labels = OmegaConf.to_container(task, resolve=True)["labels"]  # a null list is a ListConfig of None
-    values = [str(label) for label in (labels if labels is not None else range(len(word_list)))]
+    values = label_values(task)
     words = dict(zip(values, word_list))
     columns = [task.text_column, task.label_column] + ([task.text_pair_column] if task.text_pair_column else [])
     for name, rows in table.items():

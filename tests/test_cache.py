@@ -41,3 +41,35 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
     with pytest.raises(KeyboardInterrupt):
         cache.replace_atomically(target, crash)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def slow_compute_in_process(cache_folder: str, calls_file: str, started) -> None:
+    import time
+
+    from rigsa import cache as cache_module
+
+    cache_module.scores_root = lambda: Path(cache_folder)
+
+    def compute():
+        started.set()
+        with open(calls_file, "a") as handle:
+            handle.write("x")
+        time.sleep(1.5)
+        return {"accuracy": 0.5}
+
+    cache_module.cached("base_target", {"model": "shared"}, compute)
+
+
+def test_concurrent_jobs_compute_a_shared_base_score_once(private_cache, tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    started = context.Event()
+    calls = tmp_path / "calls.txt"
+    first = context.Process(target=slow_compute_in_process, args=(str(private_cache), str(calls), started))
+    first.start()
+    assert started.wait(60)  # the first job holds the key's lock and is computing
+    result = cache.cached("base_target", {"model": "shared"}, lambda: {"accuracy": 0.99})
+    first.join(60)
+    assert result == ({"accuracy": 0.5}, True)  # waited for the first job's entry instead of recomputing
+    assert calls.read_text() == "x" and first.exitcode == 0

@@ -83,10 +83,11 @@ def test_bad_values_fail_before_any_model_loads(overrides, message, tmp_path, mo
 def test_cli_help_lists_groups_and_options():
     output = subprocess.run([sys.executable, "-c", "import sys; sys.argv=['rigsa-run','--help'];"
                              "from rigsa.cli import run_main; run_main()"], capture_output=True, text=True, check=True).stdout
-    assert ("method   block_sparse, dora, full, gallop, head, lora, qlora, random_mask, rigsa*, snip, sparta"
+    assert ("method         block_sparse, dora, full, gallop, head, lora, qlora, random_mask, rigsa*, snip, sparta"
             in output)
-    assert "model    local, smollm2_1.7b, smollm2_135m*, tiny" in output
-    assert "pruning  imp, imp_cpu*, none" in output
+    assert "model          gemma_2b, local, smollm2_1.7b, smollm2_135m*, tiny" in output
+    assert "pruning        imp, imp_cpu*, none" in output
+    assert "hparams_search lora_lr" in output
 
 
 def test_cli_bad_value_exits_with_one_clean_message(tmp_path):

@@ -12,7 +12,7 @@ from rigsa.readout import AnswerToken
 from rigsa.run import run
 
 RESULT_KEYS = {"method", "model", "task", "seed", "trainable_params", "total_params", "target", "train",
-               "peak_memory_bytes", "base_fingerprint", "run_dir"}
+               "peak_memory_bytes", "peak_memory_scope", "base_fingerprint", "run_dir"}
 
 
 def test_run_writes_every_result_key_and_a_wandb_offline_run(tiny_cfg, tmp_path, private_cache):
@@ -24,6 +24,7 @@ def test_run_writes_every_result_key_and_a_wandb_offline_run(tiny_cfg, tmp_path,
     assert results["target"]["test_size"] == 40 and 0 <= results["target"]["accuracy"] <= 1
     assert results["trainable_params"] == 16384  # r=8 on 7 projections x 2 layers of the tiny Llama
     assert results["peak_memory_bytes"] > 0 and results["train"]["steps"] == 4
+    assert results["peak_memory_scope"] == "job"  # reset when the job started (Linux)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4] and all("train/loss" in line for line in lines)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "run" / "adapter").iterdir()}
@@ -113,3 +114,15 @@ def test_eval_every_logs_the_validation_accuracy_of_the_model_at_that_step(tiny_
     adapted = apply_adapter(model, tmp_path / "run" / "adapter")
     expected = evaluate.target_accuracy(adapted, data.val, AnswerToken(data.label_token_ids), 16, torch.device("cpu"), "float32")
     assert expected["n"] == 30 and logged[4] == pytest.approx(expected["accuracy"])
+
+
+def test_iteration_forgetting_measures_the_suite_after_every_pruning_iteration(tiny_cfg, tmp_path, private_cache):
+    cfg = tiny_cfg("method=rigsa", "pruning=imp", "pruning.steps_per_iteration=1", "pruning.iterations=2",
+                   "pruning.final_retrain_steps=1", "eval=offline", "eval.iteration_forgetting=true",
+                   "eval.forgetting=[{task: rigsa_gsm8k_bpb, num_fewshot: 0, limit: 3}]")
+    results = run(cfg, tmp_path / "run")
+    rows = results["iterations"]
+    assert [row["phase"] for row in rows] == ["iteration1", "iteration2", "final_retrain"]
+    assert all(isinstance(row["mean_forgetting"], float) for row in rows)
+    assert rows[-1]["mean_forgetting"] == results["forgetting"]["mean_forgetting"]  # the last phase is the run's
+    assert rows[0]["mean_forgetting"] != rows[1]["mean_forgetting"]  # measured on each phase's own model

@@ -9,12 +9,14 @@ temporary file.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -66,26 +68,60 @@ def cached(kind: str, key_parts: dict, compute: Callable[[], dict],
     result is simply not kept."""
     key = hashlib.sha256(json.dumps({**key_parts, "cache_version": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()
     path = scores_root() / kind / f"{key}.json"
-    if path.exists():
-        try:
-            result = json.loads(path.read_text())["result"]
-            problem = check(result)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-            problem = f"unreadable ({type(error).__name__})"
-        if problem is None:
-            log.info("base %s: cache hit (%s)", kind, path)
-            return result, True
-        aside = path.with_name(f"{path.stem}.bad-{os.getpid()}.json")
-        try:
-            os.replace(path, aside)
-            warnings.warn(f"rigsa: cache entry {path} is {problem}: moved to {aside.name} and recomputed", stacklevel=2)
-        except OSError:
-            warnings.warn(f"rigsa: cache entry {path} is {problem} and cannot be moved: recomputed, not kept",
-                          stacklevel=2)
+    found = read_entry(path, kind, check)
+    if found is not None:
+        return found, True
+    with key_locked(path):  # concurrent jobs of a sweep: one computes, the others wait and read its entry
+        found = read_entry(path, kind, check)
+        if found is not None:
+            return found, True
+        return compute_and_keep(path, key_parts, compute), False
+
+
+@contextmanager
+def key_locked(path: Path):
+    """Hold an exclusive lock on `<entry>.lock` (released by the OS if the process dies); without a writable
+    cache folder, no lock (the result is not kept either)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+def read_entry(path: Path, kind: str, check: Callable[[dict], str | None]) -> dict | None:
+    """The cached result at `path`, or None (missing; or wrong: then moved aside with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())["result"]
+        problem = check(result)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        problem = f"unreadable ({type(error).__name__})"
+    if problem is None:
+        log.info("base %s: cache hit (%s)", kind, path)
+        return result
+    aside = path.with_name(f"{path.stem}.bad-{os.getpid()}.json")
+    try:
+        os.replace(path, aside)
+        warnings.warn(f"rigsa: cache entry {path} is {problem}: moved to {aside.name} and recomputed", stacklevel=3)
+    except OSError:
+        warnings.warn(f"rigsa: cache entry {path} is {problem} and cannot be moved: recomputed, not kept",
+                      stacklevel=3)
+    return None
+
+
+def compute_and_keep(path: Path, key_parts: dict, compute: Callable[[], dict]) -> dict:
     result = compute()
     try:
         write_text_atomically(path, json.dumps({"key": key_parts, "result": result}, indent=2))
     except OSError as error:
         warnings.warn(f"rigsa: cannot write the cache folder {path.parent} ({error.strerror or error}): this result "
-                      "is not cached. Fix: make it writable, or point RIGSA_CACHE elsewhere", stacklevel=2)
-    return result, False
+                      "is not cached. Fix: make it writable, or point RIGSA_CACHE elsewhere", stacklevel=3)
+    return result

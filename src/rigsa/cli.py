@@ -21,13 +21,15 @@ REFUSED = (ConfigError, AssetError, HubUnreachable, UnreadableFile, RunFolderBus
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    from rigsa.run import run
+def _hydra_main(cfg: DictConfig) -> float:
+    from hydra.types import RunMode
+
+    from rigsa.sweep import run_job
     from rigsa.train import TrainingDiverged
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, run_dir)
+        return run_job(cfg, run_dir, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN)
     except (*REFUSED, TrainingDiverged) as error:
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Hydra creates the folder before a run starts: a refused run leaves none
@@ -52,6 +54,8 @@ def refusal(arguments: list[str]) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
+    from omegaconf import OmegaConf
+
     from rigsa import forgetting, run_folder
     from rigsa.config import check_declared, compose, unknown_key_message, validate
 
@@ -70,10 +74,16 @@ def refusal(arguments: list[str]) -> str | None:
     try:
         cfg = compose(first)
         check_declared(cfg)
-        if not sweep:
-            validate(cfg)
-            forgetting.check_hub(cfg.eval)
-            run_folder.inspect(cfg, Path(cfg.run.root) / cfg.run.name)
+        if sweep:
+            from rigsa.sweep import shared_folders
+
+            sweeper = compose(first, with_hydra=True).hydra.sweeper
+            if not sweeper._target_.endswith(".BasicSweeper"):
+                return None  # a search (hparams_search) names its jobs by trial: left to each job
+            return shared_folders(overrides, OmegaConf.to_container(sweeper.params) if sweeper.params else None)
+        validate(cfg)
+        forgetting.check_hub(cfg.eval)
+        run_folder.inspect(cfg, Path(cfg.run.root) / cfg.run.name)
     except ConfigCompositionException as error:
         cause = error.__cause__
         schema = getattr(cause, "object_type", None)
@@ -85,7 +95,7 @@ def refusal(arguments: list[str]) -> str | None:
     return None
 
 
-GROUPS = ("model", "method", "task", "pruning", "eval", "logger")
+GROUPS = ("model", "method", "task", "pruning", "eval", "logger", "variant", "experiment", "hparams_search")
 
 
 def help_text() -> str:
@@ -103,11 +113,12 @@ def help_text() -> str:
              "Config groups (group=option; * marks the default):"]
     for group in GROUPS:
         listed = [option + ("*" if option == defaults.get(group) else "") for option in options(group)]
-        lines.append(f"  {group:<8} {', '.join(listed)}")
+        lines.append(f"  {group:<15}{', '.join(listed)}")
     lines += ["", "Examples:",
               "  rigsa-run                                   # the default experiment",
-              "  rigsa-run model=tiny method=dora task.image_size=7 train.max_steps=20 logger=none",
-              "  rigsa-run --multirun method=lora,dora seed=0,1",
+              "  rigsa-run model=tiny method=dora pruning=none task.image_size=7 train.max_steps=20 logger=none",
+              "  rigsa-run --multirun method=lora,dora pruning=none seed=0,1",
+              "  rigsa-run --multirun experiment=rigsa_fig2_cpu   # a paper figure's sweep (rigsa-report runs/rigsa_cpu)",
               "", "rigsa-run --cfg job prints the composed config; --hydra-help lists Hydra's own flags.",
               "Each run writes runs/<run.name>/: config.yaml, metrics.jsonl, results.json, adapter/, checkpoint/."]
     return "\n".join(lines)
@@ -140,6 +151,12 @@ def assets_main(argv: list[str] | None = None) -> int:
 
 def assets_entry() -> None:
     sys.exit(assets_main())
+
+
+def report_entry() -> None:
+    from rigsa.report import main
+
+    sys.exit(main())
 
 
 def apply_entry() -> None:

@@ -81,7 +81,7 @@ class ForgettingTaskConfig:
 
 
 EvalConfig = declare("EvalConfig", name=str, target=bool, batch_size=int, iteration_test_size=int,
-                     forgetting=List[ForgettingTaskConfig], include_path=Names, limit=Optional[float],
+                     iteration_forgetting=bool, forgetting=List[ForgettingTaskConfig], include_path=Names, limit=Optional[float],
                      lm_eval_batch_size=int, apply_chat_template=bool)
 LoggerConfig = declare("LoggerConfig", name=str, mode=str, project=str, entity=OptionalText, log_adapter=bool)
 
@@ -90,8 +90,12 @@ TrainConfig = declare("TrainConfig", epochs=float, max_steps=int, batch_size=int
                       weight_decay=float, warmup_steps=int, lr_schedule=str, max_grad_norm=float, on_nonfinite=str,
                       eval_every=int, checkpoint_every=int, max_seq_len=int, threads=int)
 RunDirConfig = declare("RunDirConfig", root=str, name=str, overwrite=bool)
+ReportConfig = declare("ReportConfig", name=OptionalText, title=OptionalText, source=OptionalText, columns=Names,
+                       rows=List[Any])
+ObjectiveConfig = declare("ObjectiveConfig", metric=str, forgetting_weight=float)
 RigsaConfig = declare("RigsaConfig", model=Any, method=Any, task=Any, pruning=Any, eval=Any, logger=Any, seed=int,
-                      device=str, dtype=str, train=TrainConfig, run=RunDirConfig)
+                      variant=OptionalText, device=str, dtype=str, train=TrainConfig, run=RunDirConfig, report=ReportConfig,
+                      objective=ObjectiveConfig)
 
 
 def register_schemas() -> None:
@@ -123,13 +127,14 @@ def options(group: str) -> list[str]:
     return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
 
 
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """Compose the run config outside the CLI (tests, notebooks), exactly as `rigsa-run` does."""
+def compose(overrides: list[str] | None = None, with_hydra: bool = False) -> DictConfig:
+    """Compose the run config outside the CLI (tests, notebooks), exactly as `rigsa-run` does (with Hydra's own
+    node when `with_hydra`: a sweep's hydra.sweeper.params)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
+        return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=with_hydra)
 
 
 # ---------------------------------------------------------------- value checks

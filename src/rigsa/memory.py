@@ -59,3 +59,44 @@ def training_bytes(parameters, optimizer: torch.optim.Optimizer) -> dict[str, in
              if isinstance(value, torch.Tensor)]
     return {"gradient_bytes": sum(tensor_bytes(p) for p in parameters),
             "optimizer_state_bytes": sum(tensor_bytes(value) for value in state)}
+
+
+# ---------------------------------------------------------------- peak memory, per job
+# A sweep runs many jobs in one process, where the process's running maximum (ru_maxrss) would report the
+# largest job so far for every later job. So each job resets the high-water mark when it starts: CUDA's
+# peak-allocation counter, or on Linux the kernel's peak resident set (writing 5 to /proc/self/clear_refs
+# resets VmHWM to the current RSS). Where neither can be reset the scope says "process".
+CLEAR_REFS, STATUS = "/proc/self/clear_refs", "/proc/self/status"
+
+
+def reset_peak_memory(device: torch.device) -> str:
+    """Start counting this job's peak memory; returns its scope: 'job' or 'process'."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "job"
+    try:
+        with open(CLEAR_REFS, "w") as handle:
+            handle.write("5")
+        return "job"
+    except OSError:
+        return "process"
+
+
+def resident_peak_bytes() -> int:
+    """The process's peak resident set since the last reset (VmHWM), else its running maximum (ru_maxrss)."""
+    try:
+        with open(STATUS) as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resident_peak_bytes()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from rigsa import checkpoints, forgetting, models, run_folder
 from rigsa.cache import cached
 from rigsa.config import validate
 from rigsa.evaluate import accuracy_problem, target_accuracy
-from rigsa.memory import model_bytes
+from rigsa.memory import model_bytes, peak_memory_bytes, reset_peak_memory
 from rigsa.methods import Calibration, Method
 from rigsa.readout import Readout, build_readout
 from rigsa.sparse.engine import merge_all, unmerge_all
@@ -65,21 +64,16 @@ def timed(describe, compute) -> tuple[dict, bool]:
 
 
 def iteration_table(rows: list[dict], base: dict | None) -> str:
-    lines = [f"{'phase':<16}{'density':>10}{'trainable':>14}{'accuracy':>10}{'examples':>10}"]
+    lines = [f"{'phase':<16}{'density':>10}{'trainable':>14}{'accuracy':>10}{'examples':>10}{'forgetting':>12}"]
     if base is not None:
         lines.append(f"{'base model':<16}{'':>10}{0:>14}{base['accuracy']:>10.4f}{base['n']:>10}")
     for row in rows:
         density = f"{row['density']:.4%}" if "density" in row else ""
         accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else ""
+        forgetting = f"{row['mean_forgetting']:+.4f}" if row.get("mean_forgetting") is not None else ""
         lines.append(f"{row['phase']:<16}{density:>10}{row['trainable_params']:>14,}{accuracy:>10}"
-                     f"{row.get('test_size', ''):>10}")
+                     f"{row.get('test_size', ''):>10}{forgetting:>12}")
     return "\n".join(lines)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 @dataclass
@@ -97,10 +91,12 @@ class Training:
 
 
 def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig, device: torch.device,
-                 run_dir: Path, tracker: Tracker) -> Training:
+                 run_dir: Path, tracker: Tracker, forgetting_now=None) -> Training:
     """Train each phase of the pruning schedule and apply its prune; with several phases, measure the
-    test accuracy after each (on eval.iteration_test_size digits, the last phase on all); and measure
-    the final model on the whole test set (reusing the last phase's measurement when no prune followed it)."""
+    test accuracy after each (on eval.iteration_test_size digits, the last phase on all) and, given
+    `forgetting_now` (eval.iteration_forgetting), the forgetting suite after each phase but the last (whose
+    forgetting is the run's own); and measure the final model on the whole test set (reusing the last
+    phase's measurement when no prune followed it)."""
     schedule = phases(cfg.pruning, cfg.train, len(data.train))
     iterations, resumed, offset, seconds, tokens, adapted, skipped, memory = [], {}, 0, 0.0, 0, None, 0, {}
     for number, phase in enumerate(schedule):
@@ -118,6 +114,9 @@ def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig,
                 limit = 0 if last else cfg.eval.iteration_test_size
                 adapted = accuracy_on_test(model, data, readout, cfg, device, limit)
                 row["accuracy"], row["test_size"] = adapted["accuracy"], adapted["n"]
+            if forgetting_now is not None and not last:
+                block = forgetting_now()
+                row["mean_forgetting"], row["mean_forget_ratio"] = block["mean_forgetting"], block["mean_forget_ratio"]
             iterations.append(row)
             tracker.log({f"imp/{key}": value for key, value in row.items() if key != "phase"}, offset, once=True)
         if phase.prune is not None:
@@ -171,6 +170,7 @@ def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) 
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    peak_memory_scope = reset_peak_memory(device)  # this job's peak, not the sweep process's running maximum
     tracker = Tracker(cfg, run_dir, checkpoints.resume_step(run_dir))
 
     model, tokenizer = models.load_model(cfg.model, cfg.seed, tokenizer)
@@ -200,10 +200,17 @@ def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) 
     print(f"{method.name}: {initial_trainable:,} trainable of {total_params:,} parameters"
           + (f" (with the {head_params:,}-value classification head)" if head_params else ""))
 
-    training = train_phases(model, method, readout, data, cfg, device, run_dir, tracker)
+    forgetting_now = None
+    if base_suite and cfg.eval.iteration_forgetting:
+        forgetting_now = lambda: adapted_forgetting(model, tokenizer, cfg, device, base_suite)  # noqa: E731
+    training = train_phases(model, method, readout, data, cfg, device, run_dir, tracker, forgetting_now)
+    forgetting_results = adapted_forgetting(model, tokenizer, cfg, device, base_suite) if base_suite else None
+    if forgetting_now is not None and training.iterations:
+        last = training.iterations[-1]
+        last["mean_forgetting"] = forgetting_results["mean_forgetting"]
+        last["mean_forget_ratio"] = forgetting_results["mean_forget_ratio"]
     if training.iterations:
         print(iteration_table(training.iterations, base))
-    forgetting_results = adapted_forgetting(model, tokenizer, cfg, device, base_suite) if base_suite else None
 
     adapter_dir = run_dir / "adapter"
     method.save(adapter_dir)
@@ -226,7 +233,7 @@ def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) 
                   "skipped_steps": training.skipped_steps},
         "pruning": cfg.pruning.name, "sparse": method.stats() or None, "iterations": training.iterations,
         "forgetting": forgetting_results,
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": peak_memory_bytes(device), "peak_memory_scope": peak_memory_scope,
         "memory": {**model_bytes(model, readout.trainable_parameters()), **training.memory},
         "base_fingerprint": base_fingerprint,
         "run_dir": str(run_dir),

@@ -27,9 +27,9 @@ from rigsa.config import ConfigError
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption without changing what is computed.
-RESUMABLE_KEYS = ("logger", "train.threads", "eval.batch_size", "run.overwrite")
+RESUMABLE_KEYS = ("logger", "train.threads", "eval.batch_size", "run.overwrite", "report", "objective")
 LOCK_FILE = ".lock"
-RUN_FILES = ("checkpoint", "adapter", "metrics.jsonl", "results.json", "wandb_id.txt", "wandb")
+RUN_FILES = ("checkpoint", "adapter", "metrics.jsonl", "results.json", "wandb_id.txt", "wandb", "error.json")
 
 
 class RunFolderBusy(RuntimeError):

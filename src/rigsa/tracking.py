@@ -67,7 +67,7 @@ class Tracker:
             id_file.write_text(run_id)
             self.wandb_run = wandb.init(
                 project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, resume="allow",
-                name=cfg.run.name, dir=str(run_dir), mode=wandb_mode(cfg.logger.mode),
+                name=cfg.run.name, group=cfg.report.name, dir=str(run_dir), mode=wandb_mode(cfg.logger.mode),
                 config=OmegaConf.to_container(cfg, resolve=True), settings=wandb.Settings(silent=True))
             log.info("W&B run %s (%s)", run_id, wandb_mode(cfg.logger.mode))
 

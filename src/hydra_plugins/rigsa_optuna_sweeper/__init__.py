@@ -1,0 +1,1 @@
+"""rigsa's Optuna sweeper for Hydra (hydra/sweeper=rigsa_optuna); Hydra finds plugins in the hydra_plugins package."""

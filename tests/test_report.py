@@ -1,0 +1,140 @@
+"""rigsa-report over hand-written run folders: exact means, stds and n; missing and failed seeds; the paper's
+shape and numbers; figures that hold plots."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rigsa.report import main, report
+
+ACCURACY = {("lora", 0): 0.50, ("lora", 1): 0.60, ("lora", 2): 0.70, ("sparta", 0): 0.40, ("sparta", 1): 0.50}
+FORGETTING = {("lora", 0): 0.02, ("lora", 1): 0.04, ("lora", 2): 0.06, ("sparta", 0): 0.01, ("sparta", 1): 0.01}
+
+
+def write_run(root: Path, method: str, seed: int, accuracy: float | None, forgetting: float = 0.0,
+              iterations: list | None = None) -> Path:
+    folder = root / f"{method}-seed{seed}"
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "model": {"name": "tiny"}, "task": {"name": "textual_mnist"},
+              "method": {"name": method, "seed": seed}, "train": {"lr": 0.001, "threads": seed},
+              "run": {"root": str(root), "name": folder.name}, "report": {"name": None}}
+    if accuracy is None:  # a failed job: error.json with its config, no results
+        (folder / "error.json").write_text(json.dumps({"error": "RuntimeError: out of memory", "config": config}))
+        return folder
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    results = {"target": {"accuracy": accuracy, "base_accuracy": 0.1},
+               "forgetting": {"mean_forgetting": forgetting, "mean_forget_ratio": forgetting / 2, "collapsed": 0},
+               "trainable_params": 1000 if method == "lora" else 500, "peak_memory_bytes": 2**30,
+               "memory": {"base_weight_bytes": 2**20, "adapter_bytes": 2**19, "gradient_bytes": 2**19,
+                          "optimizer_state_bytes": 2**20}, "train": {"seconds": 120.0},
+               "iterations": iterations or []}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    for (method, seed), accuracy in ACCURACY.items():
+        iterations = [{"phase": f"iteration{i}", "accuracy": accuracy - 0.1 * (2 - i), "mean_forgetting": 0.01 * i,
+                       "trainable_params": 1000 // (i + 1)} for i in range(3)] if method == "lora" else None
+        write_run(root, method, seed, accuracy, FORGETTING[(method, seed)], iterations)
+    write_run(root, "sparta", 2, None)
+    (root / "unfinished-seed0").mkdir()  # neither results nor an error: still running, not reported
+    (root / "unfinished-seed0" / "config.yaml").write_text("seed: 0\n")
+    return root
+
+
+def test_means_stds_and_n_are_exact_and_a_missing_seed_is_flagged(runs, tmp_path):
+    made = report([runs], tmp_path / "out", log_to_wandb=False)
+    records = {record["method"]: record for record in made["records"]}
+    assert set(records) == {"method.name=lora", "method.name=sparta", "base model"}
+    lora, sparta = records["method.name=lora"], records["method.name=sparta"]
+    assert (lora["n"], lora["seeds"], lora["missing seeds"]) == (3, "0 1 2", "")
+    assert lora["accuracy (%) mean"] == pytest.approx(60.0)
+    assert lora["accuracy (%) std"] == pytest.approx(statistics.stdev([50.0, 60.0, 70.0]))  # 10.0, n-1
+    assert lora["mean forgetting mean"] == pytest.approx(0.04)
+    assert (sparta["n"], sparta["missing seeds"]) == (2, "2")
+    assert sparta["accuracy (%) mean"] == pytest.approx(45.0)
+    assert sparta["accuracy (%) std"] == pytest.approx(50 ** 0.5)
+    assert "seed 2: RuntimeError: out of memory" in sparta["failed"]
+    assert records["base model"]["accuracy (%) mean"] == pytest.approx(10.0)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| method.name=lora | 3 | 60.0 ± 10.0 | 0.0400 ± 0.0200 | 1,000 ± 0 |  |" in text
+    assert "| method.name=sparta | 2 | 45.0 ± 7.1 | 0.0100 ± 0.0000 | 500 ± 0 | 2 (failed) |" in text
+    assert f"Failed: {runs / 'sparta-seed2'}: RuntimeError: out of memory" in text
+    with open(tmp_path / "out" / "report.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[0]["accuracy (%) mean"]) == pytest.approx(60.0) and rows[1]["missing seeds"] == "2"
+
+
+def test_an_experiment_shapes_the_table_with_the_papers_numbers(runs, tmp_path, monkeypatch):
+    from rigsa import report as report_module
+
+    spec = {"title": "Table X", "source": "the paper, Table X", "columns": ["accuracy", "memory"],
+            "rows": [{"label": "SpaRTA", "match": {"method.name": "sparta"}, "paper": {"accuracy": 93.1}},
+                     {"label": "LoRA r=8", "match": {"method.name": "lora"}, "paper": {"accuracy": 94.0}}]}
+    monkeypatch.setattr(report_module, "experiment_spec", lambda name: spec)
+    write_run(runs, "dora", 7, 0.9)  # in the folder, not in the experiment's rows: left out, seed 7 not expected
+    text = report([runs], tmp_path / "out", experiment="any", log_to_wandb=False)["markdown"]
+    assert "dora" not in text and "1 other runs under" in text
+    lines = text.splitlines()
+    assert lines[0] == "## Table X" and "Paper: the paper, Table X" in text
+    header = next(line for line in lines if line.startswith("| method"))
+    assert header == ("| method | n | accuracy (%) | base weights (MiB) | adapter (MiB) | gradients (MiB) | "
+                      "optimizer state (MiB) | paper accuracy | missing seeds |")
+    body = [line for line in lines if line.startswith("| ") and line != header]
+    assert body[0].startswith("| SpaRTA | 2 | 45.0 ± 7.1 | 1.0 ± 0.0 | 0.5 ± 0.0 | 0.5 ± 0.0 | 1.0 ± 0.0 | 93.1 |")
+    assert body[1].startswith("| LoRA r=8 | 3 | 60.0 ± 10.0 |") and "| 94.0 |" in body[1]
+
+
+def test_the_figures_are_pngs_holding_plots(runs, tmp_path):
+    from matplotlib.image import imread
+
+    made = report([runs], tmp_path / "out", log_to_wandb=False)
+    names = sorted(path.name for path in made["figures"])
+    assert names == ["accuracy_vs_trainable.png", "forgetting.png", "iterations.png"]
+    for path in made["figures"]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+        pixels = imread(path)
+        assert pixels.shape[0] > 300 and pixels.shape[1] > 500
+        assert pixels[..., :3].std() > 0.05  # lines, markers and text, not a blank canvas
+
+
+def test_the_command_line_refuses_an_empty_folder_and_an_unknown_experiment(tmp_path, capsys):
+    assert main([str(tmp_path), "--no-wandb"]) == 2
+    assert "no finished or failed runs under" in capsys.readouterr().err
+    write_run(tmp_path, "lora", 0, 0.5)
+    assert main([str(tmp_path), "--experiment", "nope", "--no-wandb"]) == 2
+    assert "--experiment 'nope' is not an experiment config. Fix: one of [" in capsys.readouterr().err
+
+
+def test_the_table_goes_to_wandb_as_a_table_in_the_sweeps_group(tmp_path, monkeypatch):
+    import wandb
+
+    logged = {}
+
+    class FakeRun:
+        def log(self, values):
+            logged.update(values)
+
+        def finish(self):
+            logged["finished"] = True
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: logged.update(init=kwargs) or FakeRun())
+    folder = write_run(tmp_path, "lora", 0, 0.5)
+    (folder / "wandb_id.txt").write_text("abc")
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["report"]["name"], config["logger"] = "my_sweep", {"mode": "offline", "project": "p"}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    report([tmp_path], tmp_path / "out")
+    assert logged["init"]["group"] == "my_sweep" and logged["init"]["job_type"] == "report"
+    assert logged["init"]["project"] == "p" and logged["init"]["mode"] == "offline"
+    table = logged["report"]
+    assert table.columns[:3] == ["method", "n", "accuracy (%)"] and table.data[0][2] == "50.0"
+    assert logged["finished"]

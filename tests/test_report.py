@@ -45,8 +45,12 @@ def runs(tmp_path):
                        "trainable_params": 1000 // (i + 1)} for i in range(3)] if method == "lora" else None
         write_run(root, method, seed, accuracy, FORGETTING[(method, seed)], iterations)
     write_run(root, "sparta", 2, None)
-    (root / "unfinished-seed0").mkdir()  # neither results nor an error: still running, not reported
-    (root / "unfinished-seed0" / "config.yaml").write_text("seed: 0\n")
+    (root / "fresh-seed0").mkdir()  # a config and nothing else: not started, not reported
+    (root / "fresh-seed0" / "config.yaml").write_text("seed: 0\n")
+    write_run(root, "lora", 3, 0.0)  # seed 3: started, no results yet (a checkpoint only)
+    (root / "lora-seed3" / "results.json").unlink()
+    (root / "lora-seed3" / "checkpoint").mkdir()
+    (root / "lora-seed3" / "checkpoint" / "train.pt").write_bytes(b"")
     return root
 
 
@@ -55,22 +59,22 @@ def test_means_stds_and_n_are_exact_and_a_missing_seed_is_flagged(runs, tmp_path
     records = {record["method"]: record for record in made["records"]}
     assert set(records) == {"method.name=lora", "method.name=sparta", "base model"}
     lora, sparta = records["method.name=lora"], records["method.name=sparta"]
-    assert (lora["n"], lora["seeds"], lora["missing seeds"]) == (3, "0 1 2", "")
+    assert (lora["n"], lora["seeds"], lora["missing seeds"], lora["failed"]) == (3, "0 1 2", "3", "seed 3: unfinished")
     assert lora["accuracy (%) mean"] == pytest.approx(60.0)
     assert lora["accuracy (%) std"] == pytest.approx(statistics.stdev([50.0, 60.0, 70.0]))  # 10.0, n-1
     assert lora["mean forgetting mean"] == pytest.approx(0.04)
-    assert (sparta["n"], sparta["missing seeds"]) == (2, "2")
+    assert (sparta["n"], sparta["missing seeds"]) == (2, "2 3")  # seed 3 exists in the report (lora's)
     assert sparta["accuracy (%) mean"] == pytest.approx(45.0)
     assert sparta["accuracy (%) std"] == pytest.approx(50 ** 0.5)
     assert "seed 2: RuntimeError: out of memory" in sparta["failed"]
     assert records["base model"]["accuracy (%) mean"] == pytest.approx(10.0)
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "| method.name=lora | 3 | 60.0 ± 10.0 | 0.0400 ± 0.0200 | 1,000 ± 0 |  |" in text
-    assert "| method.name=sparta | 2 | 45.0 ± 7.1 | 0.0100 ± 0.0000 | 500 ± 0 | 2 (failed) |" in text
+    assert "| method.name=lora | 3 | 60.0 ± 10.0 | 0.0400 ± 0.0200 | 1,000 ± 0 | 3 (unfinished) |" in text
+    assert "| method.name=sparta | 2 | 45.0 ± 7.1 | 0.0100 ± 0.0000 | 500 ± 0 | 2 (failed), 3 |" in text
     assert f"Failed: {runs / 'sparta-seed2'}: RuntimeError: out of memory" in text
     with open(tmp_path / "out" / "report.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert float(rows[0]["accuracy (%) mean"]) == pytest.approx(60.0) and rows[1]["missing seeds"] == "2"
+    assert float(rows[0]["accuracy (%) mean"]) == pytest.approx(60.0) and rows[1]["missing seeds"] == "2 3"
 
 
 def test_an_experiment_shapes_the_table_with_the_papers_numbers(runs, tmp_path, monkeypatch):
@@ -78,7 +82,9 @@ def test_an_experiment_shapes_the_table_with_the_papers_numbers(runs, tmp_path, 
 
     spec = {"title": "Table X", "source": "the paper, Table X", "columns": ["accuracy", "memory"],
             "rows": [{"label": "SpaRTA", "match": {"method.name": "sparta"}, "paper": {"accuracy": 93.1}},
-                     {"label": "LoRA r=8", "match": {"method.name": "lora"}, "paper": {"accuracy": 94.0}}]}
+                     {"label": "LoRA r=8", "match": {"method.name": "lora"}, "paper": {"accuracy": 94.0}},
+                     {"label": "Head only", "match": {"method.name": "head"}, "paper": {"accuracy": 80.5}}],
+            "seeds": [0, 1, 2, 3]}  # the experiment's sweep runs seeds 0-3
     monkeypatch.setattr(report_module, "experiment_spec", lambda name: spec)
     write_run(runs, "dora", 7, 0.9)  # in the folder, not in the experiment's rows: left out, seed 7 not expected
     text = report([runs], tmp_path / "out", experiment="any", log_to_wandb=False)["markdown"]
@@ -90,7 +96,9 @@ def test_an_experiment_shapes_the_table_with_the_papers_numbers(runs, tmp_path, 
                       "optimizer state (MiB) | paper accuracy | missing seeds |")
     body = [line for line in lines if line.startswith("| ") and line != header]
     assert body[0].startswith("| SpaRTA | 2 | 45.0 ± 7.1 | 1.0 ± 0.0 | 0.5 ± 0.0 | 0.5 ± 0.0 | 1.0 ± 0.0 | 93.1 |")
-    assert body[1].startswith("| LoRA r=8 | 3 | 60.0 ± 10.0 |") and "| 94.0 |" in body[1]
+    assert body[1].startswith("| LoRA r=8 | 3 | 60.0 ± 10.0 |") and body[1].endswith("| 94.0 | 3 (unfinished) |")
+    assert body[0].endswith("| 93.1 | 2 (failed), 3 |")
+    assert body[2] == "| Head only | 0 | - | - | - | - | - | 80.5 | 0, 1, 2, 3 |"  # not run yet: every seed missing
 
 
 def test_the_figures_are_pngs_holding_plots(runs, tmp_path):
@@ -138,3 +146,12 @@ def test_the_table_goes_to_wandb_as_a_table_in_the_sweeps_group(tmp_path, monkey
     table = logged["report"]
     assert table.columns[:3] == ["method", "n", "accuracy (%)"] and table.data[0][2] == "50.0"
     assert logged["finished"]
+
+
+def test_an_experiments_report_section_carries_its_sweeps_seeds():
+    from rigsa.report import experiment_spec
+
+    spec = experiment_spec("rigsa_fig2_cpu")
+    assert spec["seeds"] == [0, 1] and spec["name"] == "rigsa_fig2_cpu"
+    assert [row["match"] for row in spec["rows"]] == [{"variant": "rigsa"}, {"variant": "random_mask_rigsa_budget"}]
+    assert experiment_spec("sparta_table3_cpu")["seeds"] == [0]

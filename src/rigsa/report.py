@@ -19,6 +19,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from rigsa.run_folder import has_checkpoint
+
 # Config keys that do not change what a run computes (a seed is what a row averages over).
 IGNORED_PREFIXES = ("run.", "logger.", "report.", "objective.")
 IGNORED_KEYS = {"seed", "train.threads", "eval.batch_size"}
@@ -84,7 +86,8 @@ def find_runs(folders: list[Path]) -> list[Run]:
     for folder in folders:
         if not folder.is_dir():
             raise ReportError(f"{folder} is not a folder. Fix: pass a run folder or a sweep's run.root")
-        folders_with_runs = {path.parent for name in ("results.json", "error.json") for path in folder.rglob(name)}
+        folders_with_runs = {path.parent for name in ("results.json", "error.json", "config.yaml")
+                             for path in folder.rglob(name)}
         for run_dir in sorted(folders_with_runs):
             results_path, config_path = run_dir / "results.json", run_dir / "config.yaml"
             if results_path.exists() and config_path.exists():
@@ -93,6 +96,8 @@ def find_runs(folders: list[Path]) -> list[Run]:
             elif (run_dir / "error.json").exists():  # a failed job: error.json holds its config
                 error = json.loads((run_dir / "error.json").read_text())
                 runs.append(Run(run_dir, flatten(error.get("config") or {}), None, error.get("error")))
+            elif has_checkpoint(run_dir):  # started, not finished (running, or stopped: rerun to resume)
+                runs.append(Run(run_dir, flatten(OmegaConf.to_container(OmegaConf.load(config_path))), None))
     return runs
 
 
@@ -116,11 +121,14 @@ def group_rows(runs: list[Run], spec: dict | None) -> list[Row]:
     varying = [key for key in keys if len({dict(group).get(key) for group in groups}) > 1]
     rows, placed = [], set()
     for wanted in (spec or {}).get("rows") or []:
-        for group_key, members in groups.items():
-            if group_key not in placed and matches(members[0].config, wanted.get("match") or {}):
-                label = wanted.get("label") or auto_label(members[0].config, varying)
-                rows.append(make_row(label, members, wanted.get("paper") or {}))
-                placed.add(group_key)
+        found = [key for key, members in groups.items()
+                 if key not in placed and matches(members[0].config, wanted.get("match") or {})]
+        for group_key in found:
+            label = wanted.get("label") or auto_label(groups[group_key][0].config, varying)
+            rows.append(make_row(label, groups[group_key], wanted.get("paper") or {}))
+            placed.add(group_key)
+        if not found:  # no run yet: the row is shown with every seed missing
+            rows.append(Row(wanted.get("label") or str(wanted.get("match")), [], wanted.get("paper") or {}))
     if not (spec or {}).get("rows"):  # an experiment's rows are its table: other runs in the folder are left out
         for group_key, members in groups.items():
             if group_key not in placed:
@@ -184,8 +192,9 @@ def table(rows: list[Row], columns: list[str], expected_seeds: set) -> tuple[lis
         for column in paper_columns:
             line.append(str(row.paper.get(column, "-")))
             record[f"paper {column}"] = row.paper.get(column)
-        failures = {run.seed: run.error for run in row.failed}
-        line.append(", ".join(f"{seed}" + (" (failed)" if seed in failures else "") for seed in missing) or "")
+        failures = {run.seed: run.error or "unfinished" for run in row.failed}
+        line.append(", ".join(f"{seed}" + (f" ({'unfinished' if failures[seed] == 'unfinished' else 'failed'})"
+                                          if seed in failures else "") for seed in missing) or "")
         record["missing seeds"] = " ".join(str(seed) for seed in missing)
         record["failed"] = "; ".join(f"seed {seed}: {error}" for seed, error in failures.items())
         cells.append(line)
@@ -201,18 +210,23 @@ def markdown(title: str, source: str | None, headers: list[str], cells: list[lis
     lines += ["| " + " | ".join(line) + " |" for line in cells]
     for row in rows:
         for run in row.failed:
-            lines.append(f"\nFailed: {run.folder}: {run.error}")
+            if run.error:
+                lines.append(f"\nFailed: {run.folder}: {run.error}")
     return "\n".join(lines) + "\n"
 
 
 def experiment_spec(name: str) -> dict:
+    """The experiment's report section, with the seeds its sweep runs (hydra.sweeper.params.seed)."""
     from rigsa.config import CONF_DIR, compose
 
     if not (Path(CONF_DIR) / "experiment" / f"{name}.yaml").exists():
         from rigsa.config import options
 
         raise ReportError(f"--experiment {name!r} is not an experiment config. Fix: one of {options('experiment')}")
-    return OmegaConf.to_container(compose([f"experiment={name}"]).report, resolve=True)
+    cfg = compose([f"experiment={name}"], with_hydra=True)
+    seeds = str((cfg.hydra.sweeper.params or {}).get("seed", cfg.seed))
+    return {**OmegaConf.to_container(cfg.report, resolve=True),
+            "seeds": [int(seed) for seed in seeds.split(",")]}
 
 
 def report(folders: list[Path], out: Path, experiment: str | None = None, log_to_wandb: bool = True) -> dict:
@@ -226,7 +240,7 @@ def report(folders: list[Path], out: Path, experiment: str | None = None, log_to
     spec = experiment_spec(experiment) if experiment else shared_spec(runs)
     rows = group_rows(runs, spec)
     reported = [run for row in rows for run in row.runs + row.failed]
-    expected = {run.seed for run in reported}
+    expected = set((spec or {}).get("seeds") or []) or {run.seed for run in reported}
     base = base_row(reported)
     shown = rows + ([base] if base else [])
     columns = list((spec or {}).get("columns") or ["accuracy", "forgetting", "trainable"])

@@ -98,8 +98,16 @@ def summary(lines: list[dict]) -> str:
     text = [f"sweep: {len(lines)} jobs: " + ", ".join(f"{counts[o]} {o}" for o in OUTCOMES)]
     for line in lines:
         detail = f": {line['reason']}" if line.get("reason") else ""
-        text.append(f"  {line['outcome']:<16}{line['run_dir']}{detail}")
+        text.append(f"  {line['outcome']:<16}{shown_path(line['run_dir'])}{detail}")
     return "\n".join(text)
+
+
+def shown_path(path: str) -> str:
+    """A run folder as the user named it: relative to the working folder when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 def read_log(path: Path) -> list[dict]:

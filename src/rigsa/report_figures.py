@@ -57,11 +57,12 @@ def iterations_figure(rows, base, path: Path) -> bool:
             phases = names if len(names) > len(phases) else phases
             axis.errorbar(range(len(names)), [m * scale for m in means], yerr=[s * scale for s in stds],
                           marker="o", capsize=3, label=row.label)
-        for row in [row for row in rows if row not in pruned] + ([base] if base else []):
+        others = [row for row in rows if row not in pruned] + ([base] if base else [])
+        for number, row in enumerate(others, start=len(pruned)):
             values = final_values(row, read)
-            if values:
+            if values:  # a line in its own colour (the pruned rows took the first ones); the base model gray
                 axis.axhline(statistics.fmean(values) * scale, linestyle="--" if row is not base else ":",
-                             color="gray" if row is base else None, label=row.label)
+                             color="gray" if row is base else f"C{number}", label=row.label)
         axis.set_xticks(range(len(phases)), phases, rotation=30, ha="right")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)

@@ -25,7 +25,7 @@ OUTCOMES = ("done", "resumed", "finished before", "failed")
 
 
 def objective_value(results: dict, objective: DictConfig) -> float:
-    """The number a sweeper maximises: results[objective.metric] minus forgetting_weight x mean forgetting."""
+    """The number a sweeper optimises: results[objective.metric] minus forgetting_weight x mean forgetting."""
     value = results
     for key in objective.metric.split("."):
         value = value.get(key) if isinstance(value, dict) else None

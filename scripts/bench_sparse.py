@@ -10,6 +10,8 @@ process, one step of each in turn per round (the order rotating), `--warmup` unt
 the median over rounds of the two configurations' same-round step times. Printed: a table of step
 time, ratios to the frozen floor and to LoRA, peak-RSS increase, and the engine's bytes per trained
 value (indices + values + gradient + AdamW state + stored base values), counted from the tensors.
+A configuration ending in `@bf16` runs on base weights stored in bfloat16 (always under bf16 autocast):
+there the engine keeps its delta unmerged (y = base(x) + gate * S x); `floor@bf16` is its floor.
 
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_sparse.py            # ~8 min on 2 cores
     python scripts/bench_sparse.py --steps 2 --warmup 1 --memory-steps 1 --layers 2   # a quick smoke run
@@ -25,10 +27,12 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ["floor", "lora_r8", "full", "anchor_0.5%", "engine_0.05%", "engine_0.5%", "engine_5%", "engine_lora_count"]
+CONFIGS = ["floor", "lora_r8", "full", "anchor_0.5%", "engine_0.05%", "engine_0.5%", "engine_5%", "engine_lora_count",
+           "floor@bf16", "engine_0.5%@bf16", "engine_lora_count@bf16"]
+DEFAULT_CONFIGS = CONFIGS[:8]
 
 
-def build_model(layers: int):
+def build_model(layers: int, stored_bf16: bool = False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,7 +42,7 @@ def build_model(layers: int):
     model = LlamaForCausalLM(config)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return model
+    return model.to(torch.bfloat16) if stored_bf16 else model
 
 
 def lora_count(model) -> int:
@@ -55,6 +59,7 @@ def prepare(name: str, model):
     from rigsa.sparse.engine import SparseDeltaLinear
     from rigsa.sparse.targets import find_targets
 
+    name = name.removesuffix("@bf16")
     targets = find_targets(model, ["all-linear"])
     total = sum(layer.weight.numel() for layer in targets.values())
     if name == "floor":
@@ -121,7 +126,8 @@ class Trainer:
         import torch
 
         self.name, self.args = name, args
-        self.model = build_model(args.layers)
+        self.stored_bf16 = name.endswith("@bf16")
+        self.model = build_model(args.layers, self.stored_bf16)
         self.baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # model built, not yet adapted
         self.params, self.hooks, self.stats = prepare(name, self.model)
         self.model.train()
@@ -135,7 +141,7 @@ class Trainer:
 
         start = time.perf_counter()
         inputs = self.embed(self.input_ids).detach().requires_grad_(True)  # the floor's backward reaches the inputs
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16 or self.stored_bf16):
             logits = self.model(inputs_embeds=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                  self.input_ids[:, 1:].reshape(-1))
@@ -191,7 +197,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the default run's precision)")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"any of {','.join(CONFIGS)}")
     parser.add_argument("--child")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads
@@ -227,14 +233,15 @@ def main() -> None:
 
     print(f"random Llama {args.layers} x 512, batch {args.batch} x {args.seq}, {args.threads} threads, "
           f"{'bf16 autocast' if args.bf16 else 'float32'}, {args.steps} rounds of one step per configuration "
-          f"(median step time; ratios: median of same-round ratios)")
+          f"(median step time; ratios: median of same-round ratios; an @bf16 row's floor is floor@bf16)")
     print(f"{'config':<20}{'trainable':>12}{'s/step':>9}{'x floor':>9}{'x LoRA':>8}{'peak RSS +MB':>14}{'B/value':>9}")
     for row in rows:
         name = row["name"]
+        floor = "floor@bf16" if name.endswith("@bf16") and "floor@bf16" in times else "floor"
         vs_lora = f"{ratio(name, 'lora_r8'):.2f}" if "lora_r8" in times else "-"
         per_value = f"{row['bytes_per_value']:.1f}" if "bytes_per_value" in row else ""
         print(f"{name:<20}{row['trainable']:>12,}{statistics.median(times[name]):>9.3f}"
-              f"{ratio(name, 'floor'):>9.2f}{vs_lora:>8}{row['peak_rss_increase'] / 2**20:>14.0f}{per_value:>9}")
+              f"{ratio(name, floor):>9.2f}{vs_lora:>8}{row['peak_rss_increase'] / 2**20:>14.0f}{per_value:>9}")
 
 
 if __name__ == "__main__":

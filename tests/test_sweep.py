@@ -39,12 +39,12 @@ def test_a_2x2_sweep_finishes_and_a_resubmission_recomputes_nothing(tmp_path):
     assert folders == ["tiny-dora-textual_mnist7-seed0", "tiny-dora-textual_mnist7-seed1",
                        "tiny-lora-textual_mnist7-seed0", "tiny-lora-textual_mnist7-seed1"]
     assert [line["outcome"] for line in sweep_log(tmp_path)] == ["done"] * 4
-    assert "sweep: 4 jobs: 4 done, 0 resumed, 0 finished before, 0 failed" in first.stdout
+    assert "sweep: 4 jobs: 4 done, 0 resumed, 0 finished before, 0 failed, 0 busy" in first.stdout
     written = {name: (tmp_path / name / "results.json").stat().st_mtime_ns for name in folders}
 
     second = rigsa_run(*arguments)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "sweep: 4 jobs: 0 done, 0 resumed, 4 finished before, 0 failed" in second.stdout
+    assert "sweep: 4 jobs: 0 done, 0 resumed, 4 finished before, 0 failed, 0 busy" in second.stdout
     assert {name: (tmp_path / name / "results.json").stat().st_mtime_ns for name in folders} == written
     objectives = {Path(line["run_dir"]).name: line["objective"] for line in sweep_log(tmp_path)}
     for name in folders:  # a finished job still returns its objective (the target accuracy)
@@ -60,8 +60,20 @@ def test_a_job_with_a_bad_value_fails_alone_and_the_others_finish(tmp_path):
     assert error["error"].startswith("ConfigError: train.lr=-1.0 is invalid: expected a number > 0")
     assert error["config"]["train"]["lr"] == -1.0  # the report places the failure in its row
     assert not (tmp_path / "lr-1.0" / "results.json").exists()
-    assert "sweep: 3 jobs: 2 done, 0 resumed, 0 finished before, 1 failed" in result.stdout
+    assert "sweep: 3 jobs: 2 done, 0 resumed, 0 finished before, 1 failed, 0 busy" in result.stdout
     assert f"failed          {tmp_path / 'lr-1.0'}: ConfigError: train.lr=-1.0 is invalid" in result.stdout
+
+
+def test_a_job_whose_folder_another_process_holds_is_left_to_it_and_reported_busy(tmp_path):
+    from rigsa.run_folder import claimed
+
+    with claimed(tmp_path / "lr0.002"):  # as a sibling sweep sharing run.root would hold it
+        result = rigsa_run("--multirun", *SWEEP, "train.lr=1e-3,2e-3", "run.name=lr${train.lr}",
+                           f"run.root={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sweep: 2 jobs: 1 done, 0 resumed, 0 finished before, 0 failed, 1 busy" in result.stdout
+    assert (tmp_path / "lr0.001" / "results.json").exists()
+    assert sorted(os.listdir(tmp_path / "lr0.002")) == [".lock"]  # no error.json, nothing written
 
 
 def test_a_sweep_whose_jobs_would_share_a_folder_is_refused_before_any_job(tmp_path):

@@ -34,7 +34,7 @@ Names = List[str]
 
 # ---------------------------------------------------------------- model
 ModelConfig = declare("ModelConfig", name=str, source=str, hub_id=OptionalText, revision=OptionalText,
-                      path=OptionalText)
+                      path=OptionalText, base_dtype=str)
 TinyModelConfig = declare("TinyModelConfig", ModelConfig,  # source=tiny: the random-init Llama's shape
                           hidden_size=int, num_layers=int, num_heads=int, num_kv_heads=int, intermediate_size=int)
 
@@ -199,6 +199,10 @@ def check_positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
         fail(key, value, expected, f"pass e.g. {key}={1 if not allow_zero else 0}")
 
 
+# Stored precisions of the frozen base weights (model.base_dtype); compute precision is `dtype`.
+BASE_DTYPES = ("float32", "bfloat16")
+
+
 def validate(cfg: DictConfig):
     """Check every value a run depends on; raise ConfigError naming the first bad one.
 
@@ -216,6 +220,11 @@ def validate(cfg: DictConfig):
         fail("model.source", model.source, f"one of {list(sources)}", "use model=<option> with a shipped option")
     if model.source == "hub" and not model.hub_id:
         fail("model.hub_id", model.hub_id, "a Hugging Face hub id", "pass model.hub_id=org/name")
+    if model.base_dtype not in BASE_DTYPES:
+        fail("model.base_dtype", model.base_dtype, f"one of {list(BASE_DTYPES)}", "pass model.base_dtype=float32")
+    if model.base_dtype != "float32" and cfg.dtype == "float32":
+        fail("dtype", cfg.dtype, f"bfloat16 or float16 compute over a model.base_dtype={model.base_dtype} base (float32 "
+             "compute would meet bfloat16 weights in every frozen layer)", "pass dtype=bfloat16")
     from rigsa.models import check_source
 
     check_source(model)
@@ -249,6 +258,10 @@ def validate(cfg: DictConfig):
     from rigsa.methods import build_method
 
     method = build_method(cfg.method)
+    if model.base_dtype not in method.bases:
+        fail("model.base_dtype", model.base_dtype, f"a base method={cfg.method.name} can train on: one of "
+             f"{list(method.bases)} (it updates the base weights themselves, and an update below one ulp of a "
+             f"{model.base_dtype} weight is rounded away)", "pass model.base_dtype=float32 (with dtype=bfloat16 autocast)")
     if cfg.pruning.name == "imp":
         if not method.prunes:
             fail("pruning", "imp", "a method that prunes (method=rigsa)", "pass pruning=none or method=rigsa")

@@ -1,7 +1,7 @@
 """Model + tokenizer from a hub id, a local directory, the embedded SmolLM2-135M, or `tiny`.
 
-Weights are always loaded in float32 (the master copy); lower precision is applied as autocast
-during training and evaluation (see `dtype` in the config).
+Weights are loaded in `model.base_dtype`: float32 by default (the master copy; lower precision is
+applied as autocast, see `dtype`), or bfloat16 (half the memory; the frozen weights stay bf16).
 """
 from __future__ import annotations
 
@@ -98,12 +98,13 @@ def load_tokenizer(model_cfg: DictConfig):
 
 
 def load_model(model_cfg: DictConfig, seed: int = 0, tokenizer=None):
-    """Return (model in eval mode, float32, on CPU; tokenizer with left padding)."""
+    """Return (model in eval mode, in model.base_dtype, on CPU; tokenizer with left padding)."""
     source, location, revision = _location(model_cfg)
     tokenizer = tokenizer or load_tokenizer(model_cfg)
-    if source == "tiny":
-        return build_tiny(model_cfg, len(tokenizer), seed).eval(), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=torch.float32)
+    dtype = getattr(torch, model_cfg.base_dtype)
+    if source == "tiny":  # built in float32 then cast, so a bf16 tiny model holds the float32 one's values rounded
+        return build_tiny(model_cfg, len(tokenizer), seed).to(dtype).eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype)
     return model.eval(), tokenizer
 
 

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 SWEEP_LOG_ENV = "RIGSA_SWEEP_LOG"
 ERROR_FILE = "error.json"
-OUTCOMES = ("done", "resumed", "finished before", "failed")
+# busy: another process holds the job's folder (a sibling sweep sharing run.root): left to it, no error written.
+OUTCOMES = ("done", "resumed", "finished before", "failed", "busy")
 
 
 def objective_value(results: dict, objective: DictConfig) -> float:
@@ -78,6 +79,13 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:
     try:
         before = run_folder.inspect(cfg, run_dir)
         results = run(cfg, run_dir)
+    except run_folder.RunFolderBusy as error:
+        if not in_sweep:
+            raise
+        record(run_dir, "busy", one_line(error))
+        print(f"rigsa-run: job {run_dir} is running in another process; resubmit the sweep later to report it",
+              file=sys.stderr)
+        return math.nan
     except Exception as error:
         if not in_sweep:
             raise

@@ -42,6 +42,7 @@ class Calibration:
 class Method(Protocol):
     name: str
     prunes: bool  # True when the method implements a pruning schedule (pruning=imp)
+    bases: tuple[str, ...]  # the stored base precisions (model.base_dtype) it can train on
 
     def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         """Freeze the base, insert adapters; return the model to train. Selection methods score on
@@ -110,7 +111,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def untie_head(model: nn.Module) -> nn.Parameter:
     """Give the output head its own trainable copy (SmolLM2 ties it to the frozen input embeddings)."""
     head = model.get_output_embeddings()
-    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=True)
+    # float32 even over a bfloat16 base: a trained weight needs updates below one bf16 ulp (autocast casts it)
+    head.weight = nn.Parameter(head.weight.detach().to(torch.float32, copy=True), requires_grad=True)
     model.config.tie_word_embeddings = False  # a later tie_weights() must not re-tie the copy
     return head.weight
 

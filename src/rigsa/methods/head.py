@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rigsa.config import BASE_DTYPES
 from rigsa.methods import (Calibration, freeze, no_pruning, no_sparse_stats, nothing_after_step, one_param_group,
                            save_state, untie_head)
 
 
 class HeadOnly:
     prunes = False
+    bases = BASE_DTYPES  # its head is a float32 copy
     param_groups = one_param_group
     after_step = nothing_after_step
     prune = no_pruning

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.config import fail
+from rigsa.config import BASE_DTYPES, fail
 from rigsa.methods import (Calibration, freeze, no_pruning, no_sparse_stats, nothing_after_step, one_param_group,
                            trainable_named)
 
@@ -42,6 +42,7 @@ def quantize_linear_layers(model: nn.Module, quant_type: str = "nf4", compute_dt
 
 class PeftLora:
     prunes = False
+    bases = BASE_DTYPES
     param_groups = one_param_group
     after_step = nothing_after_step
     prune = no_pruning

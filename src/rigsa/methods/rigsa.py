@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rigsa.config import fail
+from rigsa.config import BASE_DTYPES, fail
 from rigsa.methods import (Calibration, PruneStep, freeze, nothing_after_step, replace_module, save_state,
                            trainable_named)
 from rigsa.sparse import adapter as sparse_adapter
@@ -63,6 +63,7 @@ def initial_delta(shape: torch.Size, distribution: str, init_scale: float, seed:
 
 class Rigsa:
     prunes = True
+    bases = BASE_DTYPES  # dense phase: W0 + gate * dW in float32; then the engine
     after_step = nothing_after_step
 
     def __init__(self, *, name: str, target_modules: list[str], init: str, init_scale: float, gate_init: float,

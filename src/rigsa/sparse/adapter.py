@@ -61,8 +61,9 @@ def load(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], merge: 
     """Apply a saved sparse adapter (adapter.json's `meta`, adapter.safetensors' `tensors`; read by
     rigsa.apply.apply_adapter) to `model` in place and return it.
 
-    merge=True writes base + delta into the weights and leaves plain nn.Linear layers (ready for
-    export or evaluation); merge=False inserts SparseDeltaLinear layers (trainable, unmergeable).
+    merge=True writes base + delta into float32 weights and leaves plain nn.Linear layers (ready for
+    export or evaluation); merge=False, and any layer whose weight is stored in lower precision (where
+    merging would round the delta away), gets a SparseDeltaLinear layer (trainable, unmergeable).
     Raises AdapterMismatch when the targeted base weights differ from the ones trained on."""
     layers = meta["layers"]
     for name in layers:
@@ -83,7 +84,7 @@ def load(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], merge: 
     for name in layers:
         base = model.get_submodule(name)
         layer = SparseDeltaLinear(base, tensors[f"{name}.indices"], tensors[f"{name}.values"], tensors[f"{name}.gate"])
-        if merge:
+        if merge and layer.merged:
             layer.merge()
         else:
             replace_module(model, name, layer)

@@ -1,6 +1,6 @@
 """The sparse-delta engine: a frozen linear layer plus m trainable values at m flat positions.
 
-The delta lives merged in the layer's weight, W[idx] = base[idx] + gate * values, rewritten from
+On a float32 weight the delta lives merged in it, W[idx] = base[idx] + gate * values, rewritten from
 the m stored base values before every forward (O(m), and exact: base + delta is recomputed from
 the untouched base values, never added and subtracted). The forward is then the frozen layer's
 own matmul. A custom autograd function returns the input gradient (grad_out @ W, as the frozen
@@ -8,7 +8,7 @@ model needs anyway) and the gradient of the values only at their indices,
 
     d values[k] = gate * sum_t grad_out[t, row_k] * x[t, col_k],
 
-computed by a small C++ kernel (sampled_dot.cpp, compiled once at first use by torch's extension
+computed by a small C++ kernel (kernels.cpp, compiled once at first use by torch's extension
 loader) that reads grad_out and x row-major, tile by tile, with O(threads * (m + tile * (out + in)))
 extra memory, freed on return. Where no compiler is available it falls back to torch ops over token
 chunks, whose extra memory is bounded too: gathering the needed columns when m is small, and
@@ -20,6 +20,10 @@ compiled kernel in bf16 (measured here with 800 tokens, 576x1536: 2.0 ms against
 at 6.25% 3.6 against 4.8, at 3.125% 3.4 against 2.6), though not in float32 with 2,048 tokens
 (19 against 13 ms at 12.5%); 12.5% is the default run's (bf16) choice. No dense weight
 gradient is kept, no full-size trainable tensor exists, and nothing full-size lives between steps.
+
+On a weight stored in lower precision (bfloat16) merging is not exact: a delta below one ulp of its weight
+is rounded away. There the layer stays unmerged, y = base(x) + gate * S x (unmerged.py), chosen per layer
+at construction by the weight's dtype (`merged`).
 """
 from __future__ import annotations
 
@@ -91,7 +95,7 @@ def kernel():
     return _KERNEL["module"]
 
 
-KERNEL_NAME, KERNEL_FLAGS = "rigsa_sampled_dot", ["-O3", "-fopenmp-simd"]
+KERNEL_NAME, KERNEL_FLAGS = "rigsa_sparse_kernels", ["-O3", "-fopenmp-simd"]
 
 
 def _build_kernel():
@@ -105,7 +109,7 @@ def _build_kernel():
 
         from rigsa.assets import cache_root
 
-        source = Path(__file__).with_name("sampled_dot.cpp")
+        source = Path(__file__).with_name("kernels.cpp")
         key = hashlib.sha256(source.read_bytes() + " ".join(KERNEL_FLAGS).encode()
                              + f"{torch.__version__} {sys.version_info[:2]}".encode()).hexdigest()[:16]
         build = cache_root() / "kernels" / key
@@ -163,12 +167,14 @@ class SparseDeltaLinear(nn.Module):
     """A frozen nn.Linear with a sparse trainable delta: flat `indices` into the weight and `values`.
 
     `gate` (optional, RIGSA) scales the delta: W = W0 + gate * delta. The base layer's weight
-    tensor is reused (merged in place), so the module adds only O(m) memory."""
+    tensor is reused (merged in place when `merged`), so the module adds only O(m) memory. `merged`
+    defaults to exactness: True on a float32 weight, False (y = base(x) + gate * S x) on any other."""
 
     def __init__(self, base: nn.Linear, indices: torch.Tensor, values: torch.Tensor | None = None,
                  gate: float | torch.Tensor | nn.Parameter | None = None, train_gate: bool = False,
-                 init_values: torch.Tensor | None = None):
+                 init_values: torch.Tensor | None = None, merged: bool | None = None):
         super().__init__()
+        self.merged = base.weight.dtype == torch.float32 if merged is None else bool(merged)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.weight.requires_grad_(False)
@@ -201,7 +207,15 @@ class SparseDeltaLinear(nn.Module):
         """The value gradient's path. The kernel needs nothing but the indices; the torch-ops route's
         per-value rows, columns and CSR pattern are built on its first use only (`_torch_route`)."""
         self.dense_gradient = self.indices.numel() >= DENSE_FROM_DENSITY * self.weight.numel()
-        self._route = None
+        self._route = self._layout = None
+
+    def layout(self):
+        """S's CSR pattern for the unmerged path, built on first use."""
+        if self._layout is None:
+            from rigsa.sparse.unmerged import CsrLayout
+
+            self._layout = CsrLayout(self.flat, self.out_features, self.in_features)
+        return self._layout
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
@@ -257,12 +271,16 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W[idx] = base[idx] + gate * values (exact: recomputed from the stored base values)."""
+        """W[idx] = base[idx] + gate * values (exact: recomputed from the stored base values); unmerged: nothing."""
+        if not self.merged:
+            return
         self.weight.view(-1)[self.indices] = self.base_values + self.delta()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W[idx] = base[idx]: the base weights, bit for bit."""
+        """W[idx] = base[idx]: the base weights, bit for bit (unmerged: they never changed)."""
+        if not self.merged:
+            return
         self.weight.view(-1)[self.indices] = self.base_values
 
     @torch.no_grad()
@@ -286,6 +304,10 @@ class SparseDeltaLinear(nn.Module):
         return source, found
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged:
+            from rigsa.sparse.unmerged import unmerged_forward
+
+            return unmerged_forward(self, x)
         self.merge()
         if not (self.values.requires_grad or self.gate.requires_grad) or not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
@@ -293,7 +315,7 @@ class SparseDeltaLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, m={self.indices.numel()}, "
-                f"density={self.indices.numel() / self.weight.numel():.4%}")
+                f"density={self.indices.numel() / self.weight.numel():.4%}, merged={self.merged}")
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:

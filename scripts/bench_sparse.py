@@ -13,7 +13,14 @@ value (indices + values + gradient + AdamW state + stored base values), counted 
 A configuration ending in `@bf16` runs on base weights stored in bfloat16 (always under bf16 autocast):
 there the engine keeps its delta unmerged (y = base(x) + gate * S x); `floor@bf16` is its floor.
 
+`--model smollm2_135m` runs the embedded model's real weights instead, on Textual MNIST 7x7 batches of 8
+(the answer-token loss) under bf16 autocast, every linear layer targeted, with REAL_CONFIGS: QLoRA r=8,
+the engine at LoRA r=8's count over a float32 (merged), bf16 (`@bf16`) and nf4 (`@nf4`) base, each
+base's own floor, the engine at RIGSA's final density (3.125%) and RIGSA's dense phase. It also prints
+the base weights' bytes (rigsa.memory.model_bytes).
+
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_sparse.py            # ~8 min on 2 cores
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_sparse.py --model smollm2_135m
     python scripts/bench_sparse.py --steps 2 --warmup 1 --memory-steps 1 --layers 2   # a quick smoke run
 """
 from __future__ import annotations
@@ -30,6 +37,27 @@ import time
 CONFIGS = ["floor", "lora_r8", "full", "anchor_0.5%", "engine_0.05%", "engine_0.5%", "engine_5%", "engine_lora_count",
            "floor@bf16", "engine_0.5%@bf16", "engine_lora_count@bf16"]
 DEFAULT_CONFIGS = CONFIGS[:8]
+REAL_CONFIGS = ["floor", "lora_r8", "qlora_r8", "full", "engine_lora_count", "floor@bf16", "engine_lora_count@bf16",
+                "floor@nf4", "engine_lora_count@nf4", "engine_3.125%", "rigsa_dense"]
+
+
+def real_model_and_batch(stored_bf16: bool, batch_size: int):
+    """The embedded SmolLM2-135M (frozen) and (input_ids, attention_mask, label logit ids, classes) of the first
+    `batch_size` Textual MNIST 7x7 training prompts."""
+    import torch
+
+    from rigsa.config import compose
+    from rigsa.models import load_model
+    from rigsa.tasks import build_task
+
+    cfg = compose(["model=smollm2_135m", "task.image_size=7", "task.train_size=64", "task.val_size=0",
+                   "task.test_size=10", f"model.base_dtype={'bfloat16' if stored_bf16 else 'float32'}"])
+    model, tokenizer = load_model(cfg.model, 0)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    data = build_task(cfg.task, tokenizer, 1024)
+    batch = data.train.batch(torch.arange(batch_size))
+    return model, (batch["input_ids"], batch["attention_mask"], data.label_token_ids, batch["classes"])
 
 
 def build_model(layers: int, stored_bf16: bool = False):
@@ -52,18 +80,44 @@ def lora_count(model) -> int:
 
 
 def prepare(name: str, model):
-    """Set up one configuration; return (parameters to optimize, a post-backward hook or None, stats)."""
+    """Set up one configuration (`<name>@<base>` for an nf4 base); return (parameters to optimize, a
+    post-backward hook or None, stats)."""
+    import torch
+
+    from rigsa.quantize import quantize_linear_layers
+
+    base = name.partition("@")[2]
+    params, hooks, stats = prepare_on_base(name.partition("@")[0], model)
+    if base == "nf4":  # after the adapter is attached, as rigsa-run does (the engine keeps its base apart)
+        quantize_linear_layers(model, "nf4", torch.bfloat16)
+    return params, hooks, stats
+
+
+def prepare_on_base(name: str, model):
+    """`prepare` on the model's stored weights, before any quantization of an `@nf4` configuration."""
     import torch
 
     from rigsa.methods import replace_module
     from rigsa.sparse.engine import SparseDeltaLinear
     from rigsa.sparse.targets import find_targets
 
-    name = name.removesuffix("@bf16")
     targets = find_targets(model, ["all-linear"])
     total = sum(layer.weight.numel() for layer in targets.values())
     if name == "floor":
         return [], None, {}
+    if name == "qlora_r8":
+        from rigsa.quantize import quantize_linear_layers
+
+        quantize_linear_layers(model, "nf4", torch.bfloat16)
+        name = "lora_r8"
+    if name == "rigsa_dense":  # RIGSA's dense phase: a gated full-size random delta on every target
+        from rigsa.methods.rigsa import DenseGatedLinear, initial_delta
+
+        gate = torch.nn.Parameter(torch.tensor(1e-6))
+        for number, (layer_name, layer) in enumerate(targets.items()):
+            replace_module(model, layer_name, DenseGatedLinear(layer, initial_delta(layer.weight.shape, "normal", 0.1,
+                                                                                    number), gate))
+        return [p for p in model.parameters() if p.requires_grad], None, {}
     if name == "full":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -127,7 +181,11 @@ class Trainer:
 
         self.name, self.args = name, args
         self.stored_bf16 = name.endswith("@bf16")
-        self.model = build_model(args.layers, self.stored_bf16)
+        self.real = args.model == "smollm2_135m"
+        if self.real:
+            self.model, self.batch = real_model_and_batch(self.stored_bf16, args.batch)
+        else:
+            self.model = build_model(args.layers, self.stored_bf16)
         self.baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # model built, not yet adapted
         self.params, self.hooks, self.stats = prepare(name, self.model)
         self.model.train()
@@ -135,16 +193,25 @@ class Trainer:
         generator = torch.Generator().manual_seed(1)
         self.input_ids = torch.randint(0, 8192, (args.batch, args.seq), generator=generator)
         self.embed = self.model.get_input_embeddings()
+        from rigsa.memory import model_bytes
+
+        self.stats["base_weight_bytes"] = model_bytes(self.model, [])["base_weight_bytes"]
 
     def step(self, keep_grad: bool = False) -> float:
         import torch
 
         start = time.perf_counter()
-        inputs = self.embed(self.input_ids).detach().requires_grad_(True)  # the floor's backward reaches the inputs
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16 or self.stored_bf16):
-            logits = self.model(inputs_embeds=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                 self.input_ids[:, 1:].reshape(-1))
+        input_ids = self.batch[0] if self.real else self.input_ids
+        inputs = self.embed(input_ids).detach().requires_grad_(True)  # the floor's backward reaches the inputs
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16 or self.stored_bf16 or self.real):
+            if self.real:  # the answer-token loss: the ten digits' logits at the last position
+                _, attention_mask, label_ids, classes = self.batch
+                logits = self.model(inputs_embeds=inputs, attention_mask=attention_mask).logits[:, -1, label_ids]
+                loss = torch.nn.functional.cross_entropy(logits.float(), classes)
+            else:
+                logits = self.model(inputs_embeds=inputs).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                         self.input_ids[:, 1:].reshape(-1))
         loss.backward()
         if self.hooks:
             self.hooks[0]()
@@ -197,14 +264,18 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the default run's precision)")
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"any of {','.join(CONFIGS)}")
+    parser.add_argument("--model", default="synthetic", choices=["synthetic", "smollm2_135m"])
+    parser.add_argument("--configs", help=f"default: all of the model's; synthetic: any of {','.join(CONFIGS)}; "
+                                          f"smollm2_135m: any of {','.join(REAL_CONFIGS)}")
     parser.add_argument("--child")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads
+    known = REAL_CONFIGS if args.model == "smollm2_135m" else CONFIGS
+    args.configs = args.configs or ",".join(REAL_CONFIGS if args.model == "smollm2_135m" else DEFAULT_CONFIGS)
     names = args.configs.split(",")
-    unknown = [name for name in names if name not in CONFIGS]
+    unknown = [name for name in names if name not in known]
     if unknown:
-        parser.error(f"--configs: unknown {unknown}; choose from {','.join(CONFIGS)}")
+        parser.error(f"--configs: unknown {unknown} for --model {args.model}; choose from {','.join(known)}")
     if len(set(names)) < len(names):
         parser.error(f"--configs {args.configs!r} lists a configuration twice; list each once")
     if "floor" not in names:
@@ -222,7 +293,7 @@ def main() -> None:
     for name in names:  # memory: each configuration alone in a fresh process
         command = [sys.executable, __file__, "--child", name] + [f"--{k}={v}" for k, v in
                    (("memory-steps", args.memory_steps), ("layers", args.layers), ("batch", args.batch),
-                    ("seq", args.seq), ("threads", args.threads))] + (["--bf16"] if args.bf16 else [])
+                    ("seq", args.seq), ("threads", args.threads), ("model", args.model))] + (["--bf16"] if args.bf16 else [])
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
         print(f"memory, {name}: +{rows[-1]['peak_rss_increase'] / 2**20:.0f} MB", file=sys.stderr)
@@ -231,17 +302,23 @@ def main() -> None:
     def ratio(name: str, reference: str) -> float:  # the median of same-round ratios
         return statistics.median(a / b for a, b in zip(times[name], times[reference]))
 
-    print(f"random Llama {args.layers} x 512, batch {args.batch} x {args.seq}, {args.threads} threads, "
-          f"{'bf16 autocast' if args.bf16 else 'float32'}, {args.steps} rounds of one step per configuration "
-          f"(median step time; ratios: median of same-round ratios; an @bf16 row's floor is floor@bf16)")
-    print(f"{'config':<20}{'trainable':>12}{'s/step':>9}{'x floor':>9}{'x LoRA':>8}{'peak RSS +MB':>14}{'B/value':>9}")
+    setting = ("SmolLM2-135M (embedded), Textual MNIST 7x7, answer-token loss, batch " + str(args.batch)
+               if args.model == "smollm2_135m" else f"random Llama {args.layers} x 512, batch {args.batch} x {args.seq}")
+    autocast = args.bf16 or args.model == "smollm2_135m"
+    print(f"{setting}, {args.threads} threads, "
+          f"{'bf16 autocast' if autocast else 'float32'}, {args.steps} rounds of one step per configuration "
+          f"(median step time; ratios: median of same-round ratios; an @<base> row's floor is floor@<base> when run)")
+    print(f"{'config':<24}{'trainable':>12}{'s/step':>9}{'x floor':>9}{'x LoRA':>8}{'peak RSS +MB':>14}{'base MB':>9}"
+          f"{'B/value':>9}")
     for row in rows:
         name = row["name"]
-        floor = "floor@bf16" if name.endswith("@bf16") and "floor@bf16" in times else "floor"
+        own_floor = "floor@" + name.partition("@")[2]
+        floor = own_floor if "@" in name and own_floor in times else "floor"
         vs_lora = f"{ratio(name, 'lora_r8'):.2f}" if "lora_r8" in times else "-"
         per_value = f"{row['bytes_per_value']:.1f}" if "bytes_per_value" in row else ""
-        print(f"{name:<20}{row['trainable']:>12,}{statistics.median(times[name]):>9.3f}"
-              f"{ratio(name, floor):>9.2f}{vs_lora:>8}{row['peak_rss_increase'] / 2**20:>14.0f}{per_value:>9}")
+        print(f"{name:<24}{row['trainable']:>12,}{statistics.median(times[name]):>9.3f}"
+              f"{ratio(name, floor):>9.2f}{vs_lora:>8}{row['peak_rss_increase'] / 2**20:>14.0f}"
+              f"{row['base_weight_bytes'] / 2**20:>9.1f}{per_value:>9}")
 
 
 if __name__ == "__main__":

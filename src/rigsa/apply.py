@@ -43,12 +43,17 @@ def _apply(model: nn.Module, directory: Path, merge: bool) -> nn.Module:
         meta = read_json(directory / "adapter.json")
         tensors = read_tensors(directory / "adapter.safetensors")
         if meta.get("format") == "rigsa-sparse-v1":
+            if meta.get("quantize"):  # trained over a 4-bit base: rebuild that base first (quantization is deterministic)
+                from rigsa.quantize import quantize_linear_layers
+
+                quantize_linear_layers(model, meta["quantize"]["quant_type"], getattr(torch, meta["quantize"]["compute_dtype"]))
             return sparse_adapter.load(model, meta, tensors, merge=merge)
         return load_dense(model, tensors)
     if (directory / "adapter_config.json").exists():
         from peft import PeftModel
 
-        from rigsa.methods.lora import BASE_FILE, quantize_linear_layers
+        from rigsa.methods.lora import BASE_FILE
+        from rigsa.quantize import quantize_linear_layers
         from rigsa.models import fingerprint
 
         read_json(directory / "adapter_config.json")

@@ -34,7 +34,7 @@ Names = List[str]
 
 # ---------------------------------------------------------------- model
 ModelConfig = declare("ModelConfig", name=str, source=str, hub_id=OptionalText, revision=OptionalText,
-                      path=OptionalText, base_dtype=str)
+                      path=OptionalText, base_dtype=str, quantize=OptionalText)
 TinyModelConfig = declare("TinyModelConfig", ModelConfig,  # source=tiny: the random-init Llama's shape
                           hidden_size=int, num_layers=int, num_heads=int, num_kv_heads=int, intermediate_size=int)
 
@@ -201,6 +201,9 @@ def check_positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
 
 # Stored precisions of the frozen base weights (model.base_dtype); compute precision is `dtype`.
 BASE_DTYPES = ("float32", "bfloat16")
+# A method whose `bases` lists this trains over a model.quantize base (bitsandbytes 4-bit, rigsa.quantize).
+QUANTIZED_BASE = "4bit"
+QUANT_TYPES = ("nf4", "fp4")
 
 
 def validate(cfg: DictConfig):
@@ -225,6 +228,8 @@ def validate(cfg: DictConfig):
     if model.base_dtype != "float32" and cfg.dtype == "float32":
         fail("dtype", cfg.dtype, f"bfloat16 or float16 compute over a model.base_dtype={model.base_dtype} base (float32 "
              "compute would meet bfloat16 weights in every frozen layer)", "pass dtype=bfloat16")
+    if model.quantize is not None and model.quantize not in QUANT_TYPES:
+        fail("model.quantize", model.quantize, f"null or one of {list(QUANT_TYPES)}", "pass model.quantize=nf4")
     from rigsa.models import check_source
 
     check_source(model)
@@ -258,6 +263,14 @@ def validate(cfg: DictConfig):
     from rigsa.methods import build_method
 
     method = build_method(cfg.method)
+    if model.quantize is not None and QUANTIZED_BASE not in method.bases:
+        lora = cfg.method.get("load_in_4bit") is not None
+        fail("model.quantize", model.quantize, f"null for method={cfg.method.name}, which cannot train over a 4-bit base "
+             f"built here" + (" (LoRA's 4-bit base is PEFT's: method=qlora)" if lora else ""),
+             "pass model.quantize=null" + (", or method=qlora" if lora else ""))
+    if model.quantize is not None and cfg.method.get("reselect_every"):
+        fail("method.reselect_every", cfg.method.reselect_every, "0 over a 4-bit base (re-selection scores dense "
+             "weight gradients, which a 4-bit weight has not)", "pass method.reselect_every=0")
     if model.base_dtype not in method.bases:
         fail("model.base_dtype", model.base_dtype, f"a base method={cfg.method.name} can train on: one of "
              f"{list(method.bases)} (it updates the base weights themselves, and an update below one ulp of a "

@@ -195,6 +195,10 @@ def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) 
     torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
     model = method.attach(model, Calibration(calibration_batches(data, cfg, device), readout.loss,
                                              readout.kind)).to(device)
+    if cfg.model.quantize:  # after attach: selection rules score the weights as loaded, not their 4-bit copies
+        from rigsa.quantize import quantize_linear_layers
+
+        quantize_linear_layers(model, cfg.model.quantize, getattr(torch, cfg.dtype))
     initial_trainable = count_trainable(method, readout)
     head_params = sum(parameter.numel() for parameter in readout.trainable_parameters())
     print(f"{method.name}: {initial_trainable:,} trainable of {total_params:,} parameters"

@@ -15,31 +15,6 @@ from rigsa.methods import (Calibration, freeze, no_pruning, no_sparse_stats, not
 BASE_FILE = "rigsa_adapter.json"
 
 
-def quantize_linear_layers(model: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
-                           skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace every nn.Linear (but the head) by a bitsandbytes 4-bit layer whose matmul runs in compute_dtype,
-    in place; return the count."""
-    import bitsandbytes as bnb
-
-    replaced = 0
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is not nn.Linear or child_name in skip:
-                continue
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, quant_type=quant_type, device="meta")
-            layer.weight = bnb.nn.Params4bit(child.weight.data.contiguous(), requires_grad=False, quant_type=quant_type)
-            if child.bias is not None:
-                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
-            layer = layer.to(child.weight.device)  # moving a Params4bit quantizes it
-            # CPU trap: with the avx512-bf16 path on, a no-grad forward repacks the 4-bit weights and
-            # every later gradient through the layer is silently zero. Keep the plain path.
-            layer.support_avx512bf16_for_cpu = False
-            setattr(module, child_name, layer)
-            replaced += 1
-    return replaced
-
-
 class PeftLora:
     prunes = False
     bases = BASE_DTYPES
@@ -82,6 +57,8 @@ class PeftLora:
         self.base_fingerprint = fingerprint(model)  # of the weights as loaded: apply_adapter refuses another base
         self.base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
         if self.load_in_4bit:
+            from rigsa.quantize import quantize_linear_layers
+
             quantize_linear_layers(model, self.quant_type, getattr(torch, self.compute_dtype))
         self.model = get_peft_model(model, self.peft_config())
         return self.model

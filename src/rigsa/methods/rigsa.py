@@ -22,21 +22,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rigsa.config import BASE_DTYPES, fail
+from rigsa.config import BASE_DTYPES, QUANTIZED_BASE, fail
 from rigsa.methods import (Calibration, PruneStep, freeze, nothing_after_step, replace_module, save_state,
                            trainable_named)
 from rigsa.sparse import adapter as sparse_adapter
-from rigsa.sparse.engine import SparseDeltaLinear
+from rigsa.sparse.engine import SparseDeltaLinear, frozen_base
 from rigsa.sparse.targets import find_targets
 
 
 class DenseGatedLinear(nn.Module):
-    """W = W0 + gate * (dW * live + frozen): the dense phase of RIGSA (the one full-size delta)."""
+    """W = W0 + gate * (dW * live + frozen): the dense phase of RIGSA (the one full-size delta). Over a 4-bit
+    base (`quantize_base`) W0 x comes from the 4-bit layer and the delta's product is added to it."""
 
     def __init__(self, base: nn.Linear, init: torch.Tensor, gate: nn.Parameter):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
+        self.base_layer = None
         self.delta = nn.Parameter(init.clone())
         self.gate = gate
         self.register_buffer("live", None)  # bool mask of trainable entries (pruned_value=init only)
@@ -46,7 +48,17 @@ class DenseGatedLinear(nn.Module):
         delta = self.delta if self.live is None else self.delta * self.live + self.frozen
         return self.gate * delta
 
+    @torch.no_grad()
+    def quantize_base(self, quant_type: str, compute_dtype: torch.dtype) -> None:
+        if self.base_layer is None:
+            from rigsa.quantize import linear4bit
+
+            self.base_layer = linear4bit(self.weight, self.bias, quant_type, compute_dtype)
+            self.weight = self.bias = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_layer is not None:
+            return self.base_layer(x) + F.linear(x, self.effective_delta().to(x.dtype))
         return F.linear(x, self.weight + self.effective_delta(), self.bias)
 
 
@@ -63,7 +75,7 @@ def initial_delta(shape: torch.Size, distribution: str, init_scale: float, seed:
 
 class Rigsa:
     prunes = True
-    bases = BASE_DTYPES  # dense phase: W0 + gate * dW in float32; then the engine
+    bases = (*BASE_DTYPES, QUANTIZED_BASE)  # dense phase: W0 + gate * dW in float32; then the engine
     after_step = nothing_after_step
 
     def __init__(self, *, name: str, target_modules: list[str], init: str, init_scale: float, gate_init: float,
@@ -107,7 +119,8 @@ class Rigsa:
         return [{"params": values, "weight_decay": self.weight_decay}, {"params": gates, "weight_decay": 0.0}]
 
     def _initial(self, name: str, layer: nn.Module) -> torch.Tensor:
-        return initial_delta(layer.weight.shape, self.init, self.init_scale, self.layer_seeds[name]).to(layer.weight.device)
+        shape = torch.Size((layer.out_features, layer.in_features))
+        return initial_delta(shape, self.init, self.init_scale, self.layer_seeds[name]).to(layer.gate.device)
 
     @torch.no_grad()
     def prune(self, step: PruneStep) -> dict[str, float]:
@@ -139,7 +152,7 @@ class Rigsa:
                 layer.unmerge()
                 positions = layer.flat[keep]
             values = (init if step.rewind else current)[keep]
-            replace_module(self.model, name, SparseDeltaLinear(layer, positions, values, gate=gate,
+            replace_module(self.model, name, SparseDeltaLinear(frozen_base(layer), positions, values, gate=gate,
                                                                init_values=init[keep]))
             # the dense delta (if any) is dropped with `layer` here: memory falls to O(m)
         return self.stats()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.config import BASE_DTYPES, fail
+from rigsa.config import BASE_DTYPES, QUANTIZED_BASE, fail
 from rigsa.methods import (Calibration, freeze, no_pruning, one_param_group, replace_module, trainable_named,
                            untie_head)
 from rigsa.sparse import adapter as sparse_adapter
@@ -45,7 +45,7 @@ def calibration_gradients(model: nn.Module, targets: dict[str, nn.Linear], calib
 
 class SparseMask:
     prunes = False
-    bases = BASE_DTYPES  # the engine keeps the delta unmerged over a bf16 base
+    bases = (*BASE_DTYPES, QUANTIZED_BASE)  # the engine keeps the delta unmerged over a bf16 base
     param_groups = one_param_group
     prune = no_pruning
 

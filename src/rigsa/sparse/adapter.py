@@ -37,10 +37,11 @@ def target_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
     from rigsa.models import hash_tensors
 
     def base_weight(module: nn.Module) -> torch.Tensor:
-        weight = module.weight.detach().clone()
+        from rigsa.quantize import dequantized_weight, is_quantized
+
         if isinstance(module, SparseDeltaLinear):
-            weight.view(-1)[module.flat] = module.base_values
-        return weight
+            return module.base_weight()
+        return dequantized_weight(module) if is_quantized(module) else module.weight.detach()
 
     return hash_tensors((name, base_weight(model.get_submodule(name))) for name in layer_names)
 
@@ -48,7 +49,10 @@ def target_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
 def save(model: nn.Module, state: dict[str, torch.Tensor], directory: Path, metadata: dict) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     layers = sorted(sparse_layers(model))
-    meta = {**metadata, "format": "rigsa-sparse-v1", "layers": layers,
+    quantized = [layer.base_layer for layer in sparse_layers(model).values() if layer.base_layer is not None]
+    quantize = None if not quantized else {"quant_type": quantized[0].weight.quant_type,
+                                           "compute_dtype": str(quantized[0].compute_dtype).removeprefix("torch.")}
+    meta = {**metadata, "format": "rigsa-sparse-v1", "layers": layers, "quantize": quantize,
             "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
             "base_fingerprint": target_fingerprint(model, layers)}
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}

@@ -168,45 +168,55 @@ class SparseDeltaLinear(nn.Module):
 
     `gate` (optional, RIGSA) scales the delta: W = W0 + gate * delta. The base layer's weight
     tensor is reused (merged in place when `merged`), so the module adds only O(m) memory. `merged`
-    defaults to exactness: True on a float32 weight, False (y = base(x) + gate * S x) on any other."""
+    defaults to exactness: True on a float32 weight, False (y = base(x) + gate * S x) on any other. A 4-bit
+    base (a bitsandbytes Linear4bit, given or made by `quantize_base`) is kept as `base_layer`, never merged,
+    and `weight` is then None."""
 
     def __init__(self, base: nn.Linear, indices: torch.Tensor, values: torch.Tensor | None = None,
                  gate: float | torch.Tensor | nn.Parameter | None = None, train_gate: bool = False,
                  init_values: torch.Tensor | None = None, merged: bool | None = None):
         super().__init__()
-        self.merged = base.weight.dtype == torch.float32 if merged is None else bool(merged)
+        from rigsa.quantize import is_quantized
+
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.bias = base.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        indices, order = torch.sort(indices.to(torch.int64).reshape(-1).to(self.weight.device))
-        if indices.numel() and (indices[0] < 0 or indices[-1] >= self.weight.numel()
+        self.weight_numel = self.in_features * self.out_features
+        device = base.weight.device
+        self.base_layer = base if is_quantized(base) else None
+        if self.base_layer is not None and merged:
+            raise ValueError("a delta cannot be merged into a 4-bit weight: leave merged=None")
+        self.merged = self.base_layer is None and (base.weight.dtype == torch.float32 if merged is None else bool(merged))
+        self.weight = None if self.base_layer is not None else base.weight
+        self.bias = None if self.base_layer is not None else base.bias
+        for tensor in (self.weight, self.bias):
+            if tensor is not None:
+                tensor.requires_grad_(False)
+        indices, order = torch.sort(indices.to(torch.int64).reshape(-1).to(device))
+        if indices.numel() and (indices[0] < 0 or indices[-1] >= self.weight_numel
                                 or (indices[1:] == indices[:-1]).any()):
-            raise ValueError(f"indices must be unique flat positions in [0, {self.weight.numel()})")
-        self.register_buffer("indices", indices.to(index_dtype(self.weight.numel())))
-        self.register_buffer("base_values", self.weight.detach().reshape(-1)[indices].clone())
+            raise ValueError(f"indices must be unique flat positions in [0, {self.weight_numel})")
+        self.register_buffer("indices", indices.to(index_dtype(self.weight_numel)))
+        # the weight as given holds no delta: read it unmerged
+        self.register_buffer("base_values", self.base_weight(merged=False).reshape(-1)[indices].clone())
         if values is None:
             values = torch.zeros(indices.numel(), dtype=torch.float32)
         if values.numel() != indices.numel():
             raise ValueError(f"{values.numel()} values for {indices.numel()} indices")
-        values = values.detach().reshape(-1).to(self.weight.device)[order]  # follow the sorted indices
+        values = values.detach().reshape(-1).to(device)[order]  # follow the sorted indices
         self.values = nn.Parameter(values.to(torch.float32, copy=True))
         if isinstance(gate, nn.Parameter):  # shared with other layers (RIGSA's global gate)
             self.gate = gate
         else:
             gate_tensor = torch.as_tensor(1.0 if gate is None else gate, dtype=torch.float32).reshape(())
-            self.gate = nn.Parameter(gate_tensor.clone().to(self.weight.device), requires_grad=train_gate)
+            self.gate = nn.Parameter(gate_tensor.clone().to(device), requires_grad=train_gate)
         # RIGSA keeps the values' initial state for its sign constraint and rewinding.
         self.register_buffer("init_values", None if init_values is None
-                             else init_values.detach().float().reshape(-1).to(self.weight.device)[order].clone())
+                             else init_values.detach().float().reshape(-1).to(device)[order].clone())
         self._build_pattern()
 
     def _build_pattern(self) -> None:
         """The value gradient's path. The kernel needs nothing but the indices; the torch-ops route's
         per-value rows, columns and CSR pattern are built on its first use only (`_torch_route`)."""
-        self.dense_gradient = self.indices.numel() >= DENSE_FROM_DENSITY * self.weight.numel()
+        self.dense_gradient = self.indices.numel() >= DENSE_FROM_DENSITY * self.weight_numel
         self._route = self._layout = None
 
     def layout(self):
@@ -232,7 +242,7 @@ class SparseDeltaLinear(nn.Module):
         kernel (the compiled kernel, on CPU when it builds), else torch ops: gather or sampled."""
         if self.dense_gradient:
             return "dense"
-        if self.weight.device.type == "cpu" and kernel() is not None:
+        if self.indices.device.type == "cpu" and kernel() is not None:
             return "kernel"
         return "gather" if self.indices.numel() <= GATHER_MAX_VALUES else "sampled"
 
@@ -266,6 +276,31 @@ class SparseDeltaLinear(nn.Module):
         rows, cols, pattern = self._torch_route()
         return value_gradient(grad_out, x, rows, cols, pattern)
 
+    def base_weight(self, merged: bool | None = None) -> torch.Tensor:
+        """The dense base weight, without the delta (a 4-bit base dequantized: a transient copy). `merged`:
+        whether the weight tensor holds the delta now (default: the layer's mode)."""
+        if self.base_layer is not None:
+            from rigsa.quantize import dequantized_weight
+
+            return dequantized_weight(self.base_layer)
+        if not (self.merged if merged is None else merged):
+            return self.weight.detach()
+        weight = self.weight.detach().clone()
+        weight.view(-1)[self.indices] = self.base_values
+        return weight
+
+    @torch.no_grad()
+    def quantize_base(self, quant_type: str, compute_dtype: torch.dtype) -> None:
+        """Replace the base weight by a 4-bit copy (bitsandbytes); the delta stays apart from then on."""
+        if self.base_layer is not None:
+            return
+        from rigsa.quantize import linear4bit
+
+        self.unmerge()
+        self.base_layer = linear4bit(self.weight, self.bias, quant_type, compute_dtype)
+        self.weight = self.bias = None
+        self.merged = False
+
     def delta(self) -> torch.Tensor:
         return (self.gate.detach() * self.values.detach()).to(self.weight.dtype)
 
@@ -290,7 +325,7 @@ class SparseDeltaLinear(nn.Module):
         Values at positions kept from before carry over; new positions start at zero. Returns
         (source, found): new entry k took old entry source[k] where found[k], so a caller can remap
         per-value optimizer state the same way."""
-        indices = torch.sort(indices.to(torch.int64).reshape(-1).to(self.weight.device)).values
+        indices = torch.sort(indices.to(torch.int64).reshape(-1).to(self.indices.device)).values
         if indices.numel() != self.values.numel():
             raise ValueError(f"reindex keeps the count: {indices.numel()} positions for {self.values.numel()} values")
         self.unmerge()
@@ -299,7 +334,7 @@ class SparseDeltaLinear(nn.Module):
         found = old[source] == indices if old.numel() else torch.zeros_like(indices, dtype=torch.bool)
         self.values.data = torch.where(found, self.values.data[source], torch.zeros_like(self.values.data))
         self.indices = indices.to(self.indices.dtype)
-        self.base_values = self.weight.detach().reshape(-1)[indices].clone()
+        self.base_values = self.base_weight(merged=False).reshape(-1)[indices].clone()  # unmerged above
         self._build_pattern()
         return source, found
 
@@ -315,7 +350,14 @@ class SparseDeltaLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, m={self.indices.numel()}, "
-                f"density={self.indices.numel() / self.weight.numel():.4%}, merged={self.merged}")
+                f"density={self.indices.numel() / self.weight_numel:.4%}, merged={self.merged}"
+                + (", base=4-bit" if self.base_layer is not None else ""))
+
+
+def frozen_base(layer: nn.Module) -> nn.Module:
+    """What a new engine layer over `layer` (an adapter layer being replaced) should wrap: its 4-bit base layer
+    when it has one, else the layer itself (its `weight` and `bias`)."""
+    return layer.base_layer if getattr(layer, "base_layer", None) is not None else layer
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:

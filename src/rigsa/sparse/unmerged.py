@@ -107,6 +107,10 @@ def unmerged_forward(layer, x: torch.Tensor) -> torch.Tensor:
     The float32 sum goes on into the residual stream, as a float32-weight model's does under autocast,
     and the next matmul's autocast casts it. (CUDA's mm can return float32 from bf16 operands; CPU's
     cannot, measured with torch 2.13.)"""
-    autocast = torch.is_autocast_enabled(x.device.type)
-    base_out = F.linear(x if autocast else x.to(layer.weight.dtype), layer.weight, layer.bias)
+    if layer.base_layer is not None:  # 4-bit: bitsandbytes' own forward (and backward to x)
+        base_out = layer.base_layer(x)
+    elif torch.is_autocast_enabled(x.device.type):
+        base_out = F.linear(x, layer.weight, layer.bias)
+    else:
+        base_out = F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
     return SparseProduct.apply(x, layer.values, layer.gate, base_out, layer)

@@ -307,14 +307,16 @@ def main() -> None:
     autocast = args.bf16 or args.model == "smollm2_135m"
     print(f"{setting}, {args.threads} threads, "
           f"{'bf16 autocast' if autocast else 'float32'}, {args.steps} rounds of one step per configuration "
-          f"(median step time; ratios: median of same-round ratios; an @<base> row's floor is floor@<base> when run)")
+          f"(median step time; ratios: median of same-round ratios; an @<base> row's floor is floor@<base> when run, "
+          f"and an @nf4 row's LoRA is qlora_r8)")
     print(f"{'config':<24}{'trainable':>12}{'s/step':>9}{'x floor':>9}{'x LoRA':>8}{'peak RSS +MB':>14}{'base MB':>9}"
           f"{'B/value':>9}")
     for row in rows:
         name = row["name"]
         own_floor = "floor@" + name.partition("@")[2]
         floor = own_floor if "@" in name and own_floor in times else "floor"
-        vs_lora = f"{ratio(name, 'lora_r8'):.2f}" if "lora_r8" in times else "-"
+        lora = "qlora_r8" if name.endswith("@nf4") and "qlora_r8" in times else "lora_r8"  # like for like
+        vs_lora = f"{ratio(name, lora):.2f}" if lora in times else "-"
         per_value = f"{row['bytes_per_value']:.1f}" if "bytes_per_value" in row else ""
         print(f"{name:<24}{row['trainable']:>12,}{statistics.median(times[name]):>9.3f}"
               f"{ratio(name, floor):>9.2f}{vs_lora:>8}{row['peak_rss_increase'] / 2**20:>14.0f}"

@@ -133,3 +133,25 @@ def test_bad_quantize_values_are_refused():
         validate(compose(TINY + ["method=sparta", "model.quantize=int8"]))
     with pytest.raises(ConfigError, match=r"method.reselect_every=5 is invalid.*4-bit"):
         validate(compose(TINY + ["method=snip", "method.reselect_every=5", "model.quantize=nf4"]))
+
+
+def test_a_4bit_run_reports_the_quantized_bases_own_share_of_forgetting(tiny_cfg, tmp_path, private_cache):
+    """results.forgetting.quantized_base: the suite on the 4-bit base before training, against the unquantized
+    base's scores; it equals a direct evaluation of that quantized, unadapted model."""
+    from rigsa import forgetting
+    from rigsa.models import load_model
+    from rigsa.run import run
+
+    cfg = tiny_cfg("method=sparta", "method.budget.density=0.1", "model.quantize=nf4", "eval=offline",
+                   "eval.forgetting=[{task: rigsa_gsm8k_bpb, num_fewshot: 0, limit: 3}]")
+    results = run(cfg, tmp_path / "run")
+    share = results["forgetting"]["quantized_base"]
+    model, tokenizer = load_model(cfg.model, 0)
+    base = forgetting.evaluate_suite(model, tokenizer, cfg.eval, CPU, cfg.dtype, cfg.seed)
+    quantize_linear_layers(model, "nf4", torch.float32)
+    quantized = forgetting.evaluate_suite(model, tokenizer, cfg.eval, CPU, cfg.dtype, cfg.seed)
+    expected = (quantized["rigsa_gsm8k_bpb"]["metrics"]["bits_per_byte"]
+                - base["rigsa_gsm8k_bpb"]["metrics"]["bits_per_byte"])
+    assert expected != 0  # 4 bits move the tiny model's scores
+    assert share["mean_forgetting"] == pytest.approx(expected, rel=1e-6)
+    assert results["forgetting"]["mean_forgetting"] != share["mean_forgetting"]  # training moved it further

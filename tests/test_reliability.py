@@ -261,6 +261,22 @@ def test_6_a_refused_rerun_touches_nothing_in_the_finished_folder(tiny_cfg, tmp_
     assert files_of(tmp_path / "run") == before
 
 
+def test_6_a_folder_written_before_a_key_existed_counts_as_that_keys_old_value(tiny_cfg, tmp_path):
+    """model.base_dtype and model.quantize came later: a finished run without them is the float32, unquantized run
+    (a rerun reads only); the same folder with model.base_dtype=bfloat16 is another config's work."""
+    import yaml
+
+    run(tiny_cfg("eval=none"), tmp_path / "run")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["model"]["base_dtype"], saved["model"]["quantize"]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    before = files_of(tmp_path / "run")
+    run(tiny_cfg("eval=none"), tmp_path / "run")
+    assert files_of(tmp_path / "run") == before
+    with pytest.raises(ConfigError, match=r"model.base_dtype: 'float32' -> 'bfloat16'"):
+        run(tiny_cfg("eval=none", "model.base_dtype=bfloat16", "dtype=bfloat16"), tmp_path / "run")
+
+
 def test_6_budget_from_a_lora_run_is_refused_before_the_folder(tiny_cfg, tmp_path, monkeypatch):
     run(tiny_cfg("eval=none", "run.name=lora"), tmp_path / "lora")
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))

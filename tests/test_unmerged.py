@@ -115,3 +115,26 @@ def test_unmerged_path_under_bf16_autocast_stays_close_to_float32(monkeypatch):
         (out.float() * upstream).sum().backward()
         grads.append(layer.values.grad.clone())
     assert relative_error(grads[1], grads[0]) < 2**-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (none here)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmerged_path_on_cuda_matches_float64(dtype):
+    """The CUDA route: torch's CSR sparse.mm for S x and S^T g, the torch-ops value gradient; never the CPU kernel."""
+    base, layer = build(96, 80, 0.05, True, dtype)
+    layer = layer.cuda()
+    layer.merged = False
+    stored = base.weight.detach().clone()
+    x = torch.randn(6, 33, 96, device="cuda").to(dtype).requires_grad_(True)
+    upstream = torch.randn(6, 33, 80, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = layer(x)
+    (out.float() * upstream).sum().backward()
+    ref_out, ref_values, ref_x, ref_gate = reference(stored.cpu(), None if base.bias is None else base.bias.cpu(),
+                                                     layer.indices.cpu(), layer.values.cpu(), 0.7, x.cpu(),
+                                                     upstream.cpu())
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+    assert relative_error(out.cpu(), ref_out) < tolerance
+    assert relative_error(layer.values.grad.cpu(), ref_values) < tolerance
+    assert relative_error(x.grad.cpu(), ref_x) < tolerance

@@ -127,14 +127,15 @@ def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig,
     return Training(offset, seconds, tokens, result.final_loss, resumed, skipped, iterations, adapted, memory)
 
 
-def adapted_forgetting(model, tokenizer, cfg: DictConfig, device: torch.device, base_suite: dict) -> dict:
+def adapted_forgetting(model, tokenizer, cfg: DictConfig, device: torch.device, base_suite: dict,
+                       label: str = "adapted model") -> dict:
     """The forgetting suite on the adapted model (sparse deltas merged for lm-eval, unmerged exactly after)."""
     started = time.perf_counter()
     merge_all(model)
     adapted_suite = forgetting.evaluate_suite(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed)
     unmerge_all(model)
     block = {**forgetting.forgetting_block(base_suite, adapted_suite), "seconds": time.perf_counter() - started}
-    print(f"adapted model, eval={cfg.eval.name}: {summarize(adapted_suite)}; mean forgetting "
+    print(f"{label}, eval={cfg.eval.name}: {summarize(adapted_suite)}; mean forgetting "
           f"{block['mean_forgetting']:+.4f}, collapsed {block['collapsed']}")
     return block
 
@@ -204,11 +205,19 @@ def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) 
     print(f"{method.name}: {initial_trainable:,} trainable of {total_params:,} parameters"
           + (f" (with the {head_params:,}-value classification head)" if head_params else ""))
 
+    quantized_base = None
+    if base_suite and (cfg.model.quantize or cfg.method.get("load_in_4bit")):
+        # Before any step the adapter adds nothing (LoRA's B = 0, sparse values 0, RIGSA's gate 1e-6): this is the
+        # 4-bit base's own share of the forgetting measured at the end (the base scores are the unquantized model's).
+        quantized_base = adapted_forgetting(model, tokenizer, cfg, device, base_suite, "4-bit base before training")
     forgetting_now = None
     if base_suite and cfg.eval.iteration_forgetting:
         forgetting_now = lambda: adapted_forgetting(model, tokenizer, cfg, device, base_suite)  # noqa: E731
     training = train_phases(model, method, readout, data, cfg, device, run_dir, tracker, forgetting_now)
     forgetting_results = adapted_forgetting(model, tokenizer, cfg, device, base_suite) if base_suite else None
+    if quantized_base is not None:
+        forgetting_results["quantized_base"] = {key: quantized_base[key] for key in
+                                                ("tasks", "mean_forgetting", "mean_forget_ratio", "seconds")}
     if forgetting_now is not None and training.iterations:
         last = training.iterations[-1]
         last["mean_forgetting"] = forgetting_results["mean_forgetting"]

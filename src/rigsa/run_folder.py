@@ -36,8 +36,26 @@ class RunFolderBusy(RuntimeError):
     """Another process holds the run folder's lock."""
 
 
+# Keys added to the config after runs were written without them, with the value every earlier run had in effect:
+# a folder written before the key existed matches a config that holds that value (it resumes, or counts as done).
+ADDED_KEYS = {"model.base_dtype": "float32", "model.quantize": None}
+
+
+def _with_added_keys(tree: dict) -> dict:
+    for key, value in ADDED_KEYS.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for parent in parents:
+            node = node.get(parent)
+            if not isinstance(node, dict):
+                break
+        else:
+            node.setdefault(leaf, value)
+    return tree
+
+
 def _comparable(cfg: DictConfig) -> dict:
-    tree = OmegaConf.to_container(cfg, resolve=True)
+    tree = _with_added_keys(OmegaConf.to_container(cfg, resolve=True))
     for key in RESUMABLE_KEYS:
         *parents, leaf = key.split(".")
         node = tree

@@ -43,8 +43,13 @@ CHUNK_ELEMENTS = 1 << 24
 # Up to this many values, gathering columns beats a sampled matmul (measured here: 2 ms for 442
 # values, 43 ms for 4,423, where sampled_addmm takes 3 ms).
 GATHER_MAX_VALUES = 1024
-# From this density on, a transient dense product then a gather beats the sampled matmul.
-DENSE_FROM_DENSITY = 0.125
+# From this density on, a transient dense product then a gather beats the sampled matmul, per device type.
+# cpu: measured (module docstring). cuda: reasoned, not measured (no GPU was lent to this project): the dense
+# product grad_out^T x is one bf16 GEMM on the tensor cores, while the sampled route (sampled_addmm over a CSR
+# pattern, which needs float32 there) and column gathers are irregular, memory-bound kernels, so the GEMM's
+# 100x more multiply-adds at 1% density cost about what the sampled route's do; 2% leaves a margin for its
+# transient [out, in] tensor (32 MB in bf16 for a 2048 x 8192 layer), freed at once. Replace by a measurement.
+DENSE_FROM_DENSITY = {"cpu": 0.125, "cuda": 0.02}
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -216,7 +221,8 @@ class SparseDeltaLinear(nn.Module):
     def _build_pattern(self) -> None:
         """The value gradient's path. The kernel needs nothing but the indices; the torch-ops route's
         per-value rows, columns and CSR pattern are built on its first use only (`_torch_route`)."""
-        self.dense_gradient = self.indices.numel() >= DENSE_FROM_DENSITY * self.weight_numel
+        threshold = DENSE_FROM_DENSITY.get(self.indices.device.type, DENSE_FROM_DENSITY["cpu"])
+        self.dense_gradient = self.indices.numel() >= threshold * self.weight_numel
         self._route = self._layout = None
 
     def layout(self):

@@ -113,3 +113,31 @@ def train_steps(model, method, cfg, data, checkpoint_path, steps: int, lr: float
     train_cfg.max_steps, train_cfg.lr, train_cfg.lr_schedule = steps, lr, "constant"
     return train(model, method, data, train_cfg, readout=readout or digit_readout(), seed=0, device=torch.device("cpu"), dtype="float32",
                  eval_batch_size=8, checkpoint_path=checkpoint_path, log_metrics=lambda metrics, step: None)
+
+
+def assert_an_evaluation_keeps_the_gradients(model, data) -> float:
+    """The bitsandbytes CPU trap (4-bit weights repacked by a no-grad forward, later gradients silently zero):
+    the loss and the gradients of the whole training split are the same before and after an evaluation.
+    Returns that loss."""
+    import pytest
+    import torch
+
+    from rigsa.evaluate import target_accuracy
+
+    batch = data.train.batch(torch.arange(len(data.train)))
+
+    def loss_and_grads() -> tuple[float, dict]:
+        model.train()
+        model.zero_grad()
+        loss = answer_loss(model, batch)
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    loss_before, grads_before = loss_and_grads()
+    assert grads_before and all(grad.abs().sum() > 0 for grad in grads_before.values())
+    target_accuracy(model, data.test, digit_readout(), 8, torch.device("cpu"), "float32")  # the no-grad forward
+    loss_after, grads_after = loss_and_grads()
+    assert loss_after == pytest.approx(loss_before, rel=1e-5)
+    for name, grad in grads_before.items():  # the trap leaves only the residual/adapter paths: grads differ
+        torch.testing.assert_close(grads_after[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    return loss_before

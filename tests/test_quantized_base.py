@@ -7,14 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, answer_loss, attach_method, digit_readout, method_cfg
+from conftest import TINY, assert_an_evaluation_keeps_the_gradients, attach_method, digit_readout, method_cfg
 from rigsa.config import ConfigError, compose, validate
-from rigsa.evaluate import target_accuracy
 from rigsa.methods import PruneStep
 from rigsa.quantize import dequantized_weight, is_quantized, linear4bit, quantize_linear_layers
 from rigsa.sparse.engine import SparseDeltaLinear, sparse_layers
 from rigsa.train import train
-from test_sparse_engine import reference, relative_error
+from test_sparse_engine import assert_matches_reference
 
 CPU = torch.device("cpu")
 
@@ -44,14 +43,7 @@ def test_unmerged_path_over_nf4_matches_float64_over_the_dequantized_weights():
     indices = torch.randperm(96 * 80)[:400]
     layer = SparseDeltaLinear(layer4, indices, torch.randn(400) * 0.1, gate=0.7, train_gate=True)
     assert layer.weight is None and not layer.merged and is_quantized(layer.base_layer)
-    x = torch.randn(5, 37, 96, requires_grad=True)
-    upstream = torch.randn(5, 37, 80)
-    (layer(x) * upstream).sum().backward()
-    ref_out, ref_values, ref_x, ref_gate = reference(dequantized, base.bias, layer.indices, layer.values, 0.7, x, upstream)
-    assert relative_error(layer(x), ref_out) < 1e-5
-    assert relative_error(x.grad, ref_x) < 1e-5
-    assert relative_error(layer.values.grad, ref_values) < 1e-5
-    assert relative_error(layer.gate.grad, ref_gate) < 1e-5
+    assert_matches_reference(layer, dequantized, base.bias, (5, 37))
 
 
 @pytest.mark.parametrize("method_name", ["sparta", "gallop", "snip", "block_sparse", "random_mask", "rigsa"])
@@ -82,22 +74,7 @@ def test_the_cpu_trap_train_evaluate_train_keeps_the_gradients(tiny_data, tmp_pa
     gradients are unchanged by an evaluation in between."""
     cfg, model, method = quantized("sparta", tiny_data)
     train_steps(model, method, cfg, tiny_data, tmp_path / "a.pt", steps=2)
-    batch = tiny_data.train.batch(torch.arange(len(tiny_data.train)))
-
-    def loss_and_grads():
-        model.train()
-        model.zero_grad()
-        loss = answer_loss(model, batch)
-        loss.backward()
-        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    loss_before, grads_before = loss_and_grads()
-    assert all(g.abs().sum() > 0 for g in grads_before.values())
-    target_accuracy(model, tiny_data.test, digit_readout(), 8, CPU, "float32")  # the no-grad forward
-    loss_after, grads_after = loss_and_grads()
-    assert loss_after == pytest.approx(loss_before, rel=1e-5)
-    for name, grad in grads_before.items():
-        torch.testing.assert_close(grads_after[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert_an_evaluation_keeps_the_gradients(model, tiny_data)
 
 
 def test_an_adapter_trained_on_an_nf4_base_reloads_onto_it_with_identical_logits(tiny_data, tmp_path):

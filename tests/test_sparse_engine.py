@@ -25,6 +25,20 @@ def reference(base_weight, bias, indices, values, gate, x, upstream):
     return out, values64.grad, x64.grad, gate64.grad
 
 
+def assert_matches_reference(layer, base_weight, bias, batch, tolerance=1e-5):
+    """Run `layer` (gate 0.7) forward and backward on a random batch; its output and the gradients of x, the
+    values and the gate match the float64 dense reference over `base_weight` to a relative error < tolerance."""
+    x = torch.randn(*batch, layer.in_features, requires_grad=True)
+    upstream = torch.randn(*batch, layer.out_features)
+    out = layer(x)
+    (out * upstream).sum().backward()
+    ref_out, ref_values, ref_x, ref_gate = reference(base_weight, bias, layer.indices, layer.values, 0.7, x, upstream)
+    for name, found, expected in [("output", out, ref_out), ("x grad", x.grad, ref_x),
+                                  ("values grad", layer.values.grad, ref_values), ("gate grad", layer.gate.grad, ref_gate)]:
+        assert relative_error(found, expected) < tolerance, name
+    return out
+
+
 def require_kernel():
     """The compiled kernel must build wherever a C++ compiler exists; without one the test is skipped."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
@@ -67,16 +81,7 @@ def test_gradients_match_a_float64_dense_reference(in_f, out_f, density, bias, b
     values = torch.randn(m) * 0.1
     layer = SparseDeltaLinear(base, indices, values, gate=0.7, train_gate=True)
     assert layer.gradient_path() == path
-    x = torch.randn(*batch, in_f, requires_grad=True)
-    upstream = torch.randn(*batch, out_f)
-    out = layer(x)
-    (out * upstream).sum().backward()
-    ref_out, ref_values, ref_x, ref_gate = reference(base_weight, base.bias, layer.indices, layer.values, 0.7,
-                                                            x, upstream)
-    assert relative_error(out, ref_out) < 1e-5
-    assert relative_error(layer.values.grad, ref_values) < 1e-5
-    assert relative_error(x.grad, ref_x) < 1e-5
-    assert relative_error(layer.gate.grad, ref_gate) < 1e-5
+    assert_matches_reference(layer, base_weight, base.bias, batch)
     assert layer.weight.grad is None  # no dense weight gradient exists
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from rigsa.sparse import engine
 from rigsa.sparse.engine import SparseDeltaLinear
-from test_sparse_engine import reference, relative_error, require_kernel
+from test_sparse_engine import assert_matches_reference, reference, relative_error, require_kernel
 
 CASES = [  # (in, out, density, bias, batch shape, product route)
     (32, 48, 0.05, True, (3, 7), "kernel"),
@@ -42,17 +42,8 @@ def test_unmerged_float32_base_matches_float64(in_f, out_f, density, bias, batch
     base, layer = build(in_f, out_f, density, bias, torch.float32)
     layer.merged = False
     weight_before = base.weight.detach().clone()
-    x = torch.randn(*batch, in_f, requires_grad=True)
-    upstream = torch.randn(*batch, out_f)
-    out = layer(x)
-    (out * upstream).sum().backward()
-    ref_out, ref_values, ref_x, ref_gate = reference(weight_before, base.bias, layer.indices, layer.values, 0.7,
-                                                     x, upstream)
+    out = assert_matches_reference(layer, weight_before, base.bias, batch)
     assert out.dtype == torch.float32
-    assert relative_error(out, ref_out) < 1e-5
-    assert relative_error(x.grad, ref_x) < 1e-5
-    assert relative_error(layer.values.grad, ref_values) < 1e-5
-    assert relative_error(layer.gate.grad, ref_gate) < 1e-5
     assert torch.equal(base.weight, weight_before) and layer.weight.grad is None
 
 

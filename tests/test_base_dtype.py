@@ -94,3 +94,20 @@ def test_an_adapter_trained_on_a_bf16_base_reloads_onto_it_with_identical_logits
     assert torch.equal(trained, reloaded)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert not torch.equal(load_model(cfg.model, 0)[0](input_ids=ids).logits, trained)  # the adapter matters
+
+
+def test_rigsas_dense_phase_over_a_bf16_base_sees_a_delta_below_one_ulp():
+    """gate * dW at 1e-3 of the weights (far below one bf16 ulp, 2^-8 of them) moves the output by x dW^T gate:
+    merged into the bf16 weight and cast, it would be rounded away; summed in float32 it is not."""
+    from rigsa.methods.rigsa import DenseGatedLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 16, bias=False).to(torch.bfloat16)
+    delta = base.weight.detach().float() * 1e-3
+    layer = DenseGatedLinear(base, delta, torch.nn.Parameter(torch.tensor(1.0)))
+    x = torch.randn(256, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        change = layer(x).double() - base(x).double()
+    true_change = (x.to(torch.bfloat16).double() @ delta.to(torch.bfloat16).double().t())
+    slope = (change * true_change).sum() / (true_change * true_change).sum()
+    assert 0.99 < slope.item() < 1.01

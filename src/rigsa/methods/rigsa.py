@@ -57,9 +57,17 @@ class DenseGatedLinear(nn.Module):
             self.weight = self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_layer is None and self.weight.dtype == torch.float32:
+            return F.linear(x, self.weight + self.effective_delta(), self.bias)
+        # A bf16 or 4-bit base: W0 + gate * dW cast to bf16 would round a small delta away (W0 has no float32
+        # residual to dither it, see rigsa.sparse.unmerged), so the two products are summed in float32.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        delta = self.effective_delta()
         if self.base_layer is not None:
-            return self.base_layer(x) + F.linear(x, self.effective_delta().to(x.dtype))
-        return F.linear(x, self.weight + self.effective_delta(), self.bias)
+            base_out = self.base_layer(x)
+        else:
+            base_out = F.linear(x if autocast else x.to(self.weight.dtype), self.weight, self.bias)
+        return base_out.float() + F.linear(x if autocast else x.to(delta.dtype), delta).float()
 
 
 def initial_delta(shape: torch.Size, distribution: str, init_scale: float, seed: int) -> torch.Tensor:

@@ -77,6 +77,21 @@ def test_means_stds_and_n_are_exact_and_a_missing_seed_is_flagged(runs, tmp_path
     assert float(rows[0]["accuracy (%) mean"]) == pytest.approx(60.0) and rows[1]["missing seeds"] == "2 3"
 
 
+def test_runs_written_before_a_key_existed_group_with_runs_holding_its_old_value(runs, tmp_path):
+    """The fixture's runs have no model.base_dtype / model.quantize (written before they existed): a new run
+    that holds their old values (float32, null) joins their row; a bf16-base run gets its own."""
+    for seed, base_dtype in ((4, "float32"), (5, "bfloat16")):
+        folder = write_run(runs, "lora", seed, 0.8)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["model"].update(base_dtype=base_dtype, quantize=None)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    records = {record["method"]: record for record in report([runs], tmp_path / "out", log_to_wandb=False)["records"]}
+    float32_row = next(r for name, r in records.items() if "lora" in name and "bfloat16" not in name)
+    bf16_row = next(r for name, r in records.items() if "bfloat16" in name)
+    assert (float32_row["n"], float32_row["seeds"]) == (4, "0 1 2 4")
+    assert (bf16_row["n"], bf16_row["seeds"]) == (1, "5")
+
+
 def test_an_experiment_shapes_the_table_with_the_papers_numbers(runs, tmp_path, monkeypatch):
     from rigsa import report as report_module
 

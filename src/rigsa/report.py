@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rigsa.run_folder import has_checkpoint
+from rigsa.run_folder import has_checkpoint, with_added_keys
 
 # Config keys that do not change what a run computes (a seed is what a row averages over).
 IGNORED_PREFIXES = ("run.", "logger.", "report.", "objective.")
@@ -91,14 +91,20 @@ def find_runs(folders: list[Path]) -> list[Run]:
         for run_dir in sorted(folders_with_runs):
             results_path, config_path = run_dir / "results.json", run_dir / "config.yaml"
             if results_path.exists() and config_path.exists():
-                config = flatten(OmegaConf.to_container(OmegaConf.load(config_path)))
-                runs.append(Run(run_dir, config, json.loads(results_path.read_text())))
+                runs.append(Run(run_dir, saved_config(OmegaConf.load(config_path)), json.loads(results_path.read_text())))
             elif (run_dir / "error.json").exists():  # a failed job: error.json holds its config
                 error = json.loads((run_dir / "error.json").read_text())
-                runs.append(Run(run_dir, flatten(error.get("config") or {}), None, error.get("error")))
+                runs.append(Run(run_dir, saved_config(error.get("config") or {}), None, error.get("error")))
             elif has_checkpoint(run_dir):  # started, not finished (running, or stopped: rerun to resume)
-                runs.append(Run(run_dir, flatten(OmegaConf.to_container(OmegaConf.load(config_path))), None))
+                runs.append(Run(run_dir, saved_config(OmegaConf.load(config_path)), None))
     return runs
+
+
+def saved_config(config) -> dict:
+    """A run's saved config, flat, with the keys added since it was written at their old values (a run from
+    before model.base_dtype existed groups with today's float32 runs)."""
+    tree = OmegaConf.to_container(config) if not isinstance(config, dict) else config
+    return flatten(with_added_keys(tree))
 
 
 def auto_label(config: dict, varying: list[str]) -> str:

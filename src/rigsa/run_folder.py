@@ -41,7 +41,8 @@ class RunFolderBusy(RuntimeError):
 ADDED_KEYS = {"model.base_dtype": "float32", "model.quantize": None}
 
 
-def _with_added_keys(tree: dict) -> dict:
+def with_added_keys(tree: dict) -> dict:
+    """A saved config tree with every ADDED_KEYS key it lacks set to the value in effect before it existed."""
     for key, value in ADDED_KEYS.items():
         *parents, leaf = key.split(".")
         node = tree
@@ -55,7 +56,7 @@ def _with_added_keys(tree: dict) -> dict:
 
 
 def _comparable(cfg: DictConfig) -> dict:
-    tree = _with_added_keys(OmegaConf.to_container(cfg, resolve=True))
+    tree = with_added_keys(OmegaConf.to_container(cfg, resolve=True))
     for key in RESUMABLE_KEYS:
         *parents, leaf = key.split(".")
         node = tree

@@ -1,16 +1,16 @@
 """The engine's unmerged path: y = base(x) + gate * S x, S the sparse [out, in] matrix of the values.
 
 Used where merging is not exact: a base weight *stored* in bfloat16 rounds away any delta below one ulp
-of its weight (measured on SmolLM2-135M: the merged path works for float32 weights only), and a 4-bit
-base cannot hold a delta at all. The base layer's own forward gives base(x) and, through autograd, the
-input gradient grad_out W0; this module adds S x in float32 to the base output (and returns the float32
-sum) and returns S^T grad_out for the input and the sampled value gradient for the values.
+of its weight (under bf16 autocast a delta merged into a float32 weight survives, dithered by the weight's
+float32 residual; measured on SmolLM2-135M), and a 4-bit base cannot hold a delta at all. The base layer's
+own forward gives base(x) and, through autograd, the input gradient grad_out W0; this module adds S x in
+float32 to the base output, returns that float32 sum, and gives S^T grad_out to the input and the sampled
+value gradient to the values.
 
 Routes for the two products: on CPU the compiled kernels `spmm_add` / `spmm_t` (kernels.cpp, by tiles of
 tokens over row-major activations, float32 sums; S x is added straight into the float32 copy of the base
-output, so the forward allocates nothing else); elsewhere, or
-without a compiler, torch.sparse.mm with a CSR S (and a CSR S^T from a column-ordered copy of the pattern),
-which runs on CUDA too.
+output, so the forward allocates nothing else); off the CPU, or without a compiler, torch.sparse.mm with a
+CSR S (and a CSR S^T from a column-ordered copy of the pattern), which runs on CUDA too.
 """
 from __future__ import annotations
 

@@ -61,13 +61,11 @@ class DenseGatedLinear(nn.Module):
             return F.linear(x, self.weight + self.effective_delta(), self.bias)
         # A bf16 or 4-bit base: W0 + gate * dW cast to bf16 would round a small delta away (W0 has no float32
         # residual to dither it, see rigsa.sparse.unmerged), so the two products are summed in float32.
-        autocast = torch.is_autocast_enabled(x.device.type)
+        from rigsa.sparse.unmerged import base_output
+
         delta = self.effective_delta()
-        if self.base_layer is not None:
-            base_out = self.base_layer(x)
-        else:
-            base_out = F.linear(x if autocast else x.to(self.weight.dtype), self.weight, self.bias)
-        return base_out.float() + F.linear(x if autocast else x.to(delta.dtype), delta).float()
+        autocast = torch.is_autocast_enabled(x.device.type)
+        return base_output(self, x).float() + F.linear(x if autocast else x.to(delta.dtype), delta).float()
 
 
 def initial_delta(shape: torch.Size, distribution: str, init_scale: float, seed: int) -> torch.Tensor:

@@ -52,6 +52,13 @@ GATHER_MAX_VALUES = 1024
 DENSE_FROM_DENSITY = {"cpu": 0.125, "cuda": 0.02}
 
 
+def csr_rows(sorted_rows: torch.Tensor, count: int) -> torch.Tensor:
+    """CSR row pointers (int64 [count + 1]) for values whose rows, in order, are `sorted_rows`."""
+    crow = torch.zeros(count + 1, dtype=torch.int64, device=sorted_rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(sorted_rows, minlength=count), 0)
+    return crow
+
+
 def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
@@ -259,9 +266,7 @@ class SparseDeltaLinear(nn.Module):
             rows, cols = flat // self.in_features, flat % self.in_features
             pattern = None
             if self.gradient_path() == "sampled":
-                counts = torch.bincount(rows, minlength=self.out_features)
-                crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=flat.device)
-                crow[1:] = torch.cumsum(counts, 0)
+                crow = csr_rows(rows, self.out_features)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
                     pattern = torch.sparse_csr_tensor(crow, cols, torch.ones(flat.numel(), device=flat.device),

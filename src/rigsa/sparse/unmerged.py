@@ -19,6 +19,8 @@ import warnings
 import torch
 from torch.nn import functional as F
 
+from rigsa.sparse.engine import csr_rows, kernel
+
 
 class CsrLayout:
     """S's pattern for sorted flat `indices` into an [out, in] weight: CSR rows (crow, cols) and, for the
@@ -27,25 +29,17 @@ class CsrLayout:
     def __init__(self, flat: torch.Tensor, out_features: int, in_features: int):
         self.shape = (out_features, in_features)
         rows, cols = flat // in_features, flat % in_features
-        self.crow = _crow(rows, out_features)
+        self.crow = csr_rows(rows, out_features)
         self.cols = cols.to(torch.int32)
         self.by_column = torch.argsort(cols * out_features + rows)
-        self.t_crow = _crow(cols[self.by_column], in_features)
+        self.t_crow = csr_rows(cols[self.by_column], in_features)
         self.t_cols = rows[self.by_column].to(torch.int32)
-
-
-def _crow(sorted_rows: torch.Tensor, count: int) -> torch.Tensor:
-    crow = torch.zeros(count + 1, dtype=torch.int64, device=sorted_rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(sorted_rows, minlength=count), 0)
-    return crow
 
 
 def sparse_product(layout: CsrLayout, x: torch.Tensor, scaled: torch.Tensor, transpose: bool,
                    add_to: torch.Tensor | None = None) -> torch.Tensor:
     """S x (transpose=False: x [T, in] -> [T, out], added in place to `add_to`, float32 [T, out]) or S^T x
     (x [T, out] -> a new [T, in]) in float32, S holding `scaled` (float32 [m], in the pattern's row order)."""
-    from rigsa.sparse.engine import kernel
-
     out_features, in_features = layout.shape
     if x.device.type == "cpu" and kernel() is not None:
         x = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
@@ -107,10 +101,15 @@ def unmerged_forward(layer, x: torch.Tensor) -> torch.Tensor:
     The float32 sum goes on into the residual stream, as a float32-weight model's does under autocast,
     and the next matmul's autocast casts it. (CUDA's mm can return float32 from bf16 operands; CPU's
     cannot, measured with torch 2.13.)"""
-    if layer.base_layer is not None:  # 4-bit: bitsandbytes' own forward (and backward to x)
-        base_out = layer.base_layer(x)
-    elif torch.is_autocast_enabled(x.device.type):
-        base_out = F.linear(x, layer.weight, layer.bias)
-    else:
-        base_out = F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
-    return SparseProduct.apply(x, layer.values, layer.gate, base_out, layer)
+    return SparseProduct.apply(x, layer.values, layer.gate, base_output(layer, x), layer)
+
+
+def base_output(layer, x: torch.Tensor) -> torch.Tensor:
+    """The frozen base's own output for a layer that keeps its delta apart (the engine's unmerged layers, RIGSA's
+    dense layers over a bf16 or 4-bit base): its 4-bit `base_layer` (bitsandbytes' forward and backward to x), or
+    F.linear on its stored weight (x cast to the weight's dtype when no autocast does it)."""
+    if layer.base_layer is not None:
+        return layer.base_layer(x)
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, layer.weight, layer.bias)
+    return F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)

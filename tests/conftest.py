@@ -89,18 +89,18 @@ def method_cfg(method_name: str, overrides=()):
 
 
 def attach_method(cfg, data=None, model=None):
-    """(model, method): `model` (default: a fresh tiny model) with cfg's method attached, calibrated on data's
-    training batches."""
+    """(model, method): `model` (default: a fresh tiny model) with cfg's method attached as a run attaches it (over a
+    4-bit base when model.quantize), calibrated on data's training batches."""
     import torch
 
     from rigsa.methods import Calibration, build_method
     from rigsa.models import load_model
-    from rigsa.run import calibration_batches
+    from rigsa.run import attached, calibration_batches
 
     model = load_model(cfg.model, 0)[0] if model is None else model
     method = build_method(cfg.method)
     batches = [] if data is None else calibration_batches(data, cfg, torch.device("cpu"))
-    return method.attach(model, Calibration(batches, answer_loss)), method
+    return attached(model, method, cfg, Calibration(batches, answer_loss), torch.device("cpu")), method
 
 
 def train_steps(model, method, cfg, data, checkpoint_path, steps: int, lr: float, readout=None):
@@ -141,3 +141,19 @@ def assert_an_evaluation_keeps_the_gradients(model, data) -> float:
     for name, grad in grads_before.items():  # the trap leaves only the residual/adapter paths: grads differ
         torch.testing.assert_close(grads_after[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     return loss_before
+
+
+def killed_at_step(monkeypatch, step: int):
+    """Make a run stop (KeyboardInterrupt) when it logs `step`, after the checkpoint before it; returns a function
+    that undoes it."""
+    from rigsa import tracking
+
+    original = tracking.Tracker.log
+
+    def log(self, metrics, logged_step, **kwargs):
+        if logged_step == step:
+            raise KeyboardInterrupt(f"killed at step {step}")
+        original(self, metrics, logged_step, **kwargs)
+
+    monkeypatch.setattr(tracking.Tracker, "log", log)
+    return lambda: monkeypatch.setattr(tracking.Tracker, "log", original)

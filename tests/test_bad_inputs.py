@@ -25,7 +25,7 @@ CATALOGUE = [
                                         "train are: batch_size, checkpoint_every,", False),
     (["method=lora", "+train.lrr=1e-3"], "train.lrr is not a setting. Fix: did you mean train.lr?", False),
     (["method=lora", "method.rr=3"], "method.rr is not a setting. Fix: did you mean method.r? The valid keys of "
-                                     "method are: alpha, compute_dtype, dropout,", False),
+                                     "method are: alpha, dropout, name,", False),
     (["method=lora", "+colour=red"], "colour is not a setting. Fix: The valid keys of the run config are:", False),
     (["method=lora", "train.lr=-1"], "train.lr=-1.0 is invalid: expected a number > 0", False),
     (["method=lora", "train.lr=0"], "train.lr=0.0 is invalid: expected a number > 0", False),
@@ -55,7 +55,8 @@ CATALOGUE = [
     (["method=lora", "pruning=imp"], "pruning='imp' is invalid: expected a method that prunes (method=rigsa)", False),
     (["method=lora", "method.dropout=1.5"], "method.dropout=1.5 is invalid", False),
     (["method=lora", "method.r=0"], "method.r=0 is invalid: expected a rank >= 1", False),
-    (["method=qlora", "method.quant_type=int3"], "method.quant_type='int3' is invalid: expected nf4 or fp4", False),
+    (["method=qlora", "model.quantize=int3"], "model.quantize='int3' is invalid: expected null or one of ['nf4', 'fp4']",
+     False),
     (["method=sparta", "method.budget.params=1000"], "method.budget=['density', 'params'] is invalid", False),
     (["method=sparta", "method.budget.density=2"], "method.budget.density=2.0 is invalid", False),
     ([*SPARSE, "method.budget.from_run={lora_run}"], "is invalid: expected a sparse run (that run's method 'lora' "

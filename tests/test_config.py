@@ -204,11 +204,16 @@ def test_a_variant_writes_only_what_differs_from_its_family_base(group, option, 
 
     from rigsa.config import CONF_DIR
 
-    raw = OmegaConf.load(f"{CONF_DIR}/{group}/{option}.yaml")
-    bases = [entry for entry in raw.get("defaults", []) if isinstance(entry, str) and entry in BASES.get(group, ())]
+    path = f"{CONF_DIR}/{group}/{option}.yaml"
+    raw, global_package = OmegaConf.load(path), open(path).read().startswith("# @package _global_")
+    # A preset that also sets another group's keys (method=qlora: model.quantize) is a global-package file that
+    # places its base at `<base>@<group>` and its own keys under `<group>:`.
+    entries = [entry.partition("@") for entry in raw.get("defaults", []) if isinstance(entry, str)]
+    bases = [name for name, _, package in entries if name in BASES.get(group, ()) and package in ("", group)]
     if not bases:
         assert option in BASES.get(group, ()) or (group, option) in STANDALONE
         return
     base = compose_option(group, bases[0], tmp_path)[group]
-    repeated = [key for key, value in raw.items() if key != "defaults" and key in base and base[key] == value]
+    own = raw[group] if global_package else raw
+    repeated = [key for key, value in own.items() if key != "defaults" and key in base and base[key] == value]
     assert repeated == [], f"{group}/{option}.yaml repeats {repeated} from {bases[0]}.yaml"

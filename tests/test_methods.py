@@ -144,7 +144,6 @@ def test_qlora_4_bit_layers_compute_in_the_runs_dtype_and_reload_so(dtype, tmp_p
     from rigsa.apply import apply_adapter
 
     cfg = method_cfg("qlora", [f"dtype={dtype}"])
-    assert cfg.method.compute_dtype == dtype
     model, method = attach_method(cfg)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 14 and {layer.compute_dtype for layer in layers} == {getattr(torch, dtype)}

@@ -1,16 +1,22 @@
-"""model.quantize=nf4: the sparse methods and RIGSA over a bitsandbytes 4-bit base. The engine's unmerged
+"""model.quantize=nf4: the sparse methods, RIGSA and the LoRA family (method=qlora) over a bitsandbytes 4-bit base. The engine's unmerged
 path against float64 over the dequantized weights, training without touching the base, the CPU trap
 (train -> evaluate -> train keeps its gradients) and an adapter that reloads onto its 4-bit base."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, assert_an_evaluation_keeps_the_gradients, attach_method, digit_readout, method_cfg
+from conftest import (TINY, assert_an_evaluation_keeps_the_gradients, attach_method, digit_readout, killed_at_step,
+                      method_cfg)
+from rigsa.apply import apply_adapter
 from rigsa.config import ConfigError, compose, validate
 from rigsa.methods import PruneStep
+from rigsa.models import load_model
 from rigsa.quantize import dequantized_weight, is_quantized, linear4bit, quantize_linear_layers
+from rigsa.sparse.adapter import AdapterMismatch
 from rigsa.sparse.engine import SparseDeltaLinear, sparse_layers
 from rigsa.train import train
 from test_sparse_engine import assert_matches_reference
@@ -19,10 +25,9 @@ CPU = torch.device("cpu")
 
 
 def quantized(method_name, tiny_data):
-    """(cfg, model, method): the tiny model with the method attached, then its base quantized to nf4 (as run() does)."""
+    """(cfg, model, method): the tiny model with the method attached over an nf4 base (as run() does)."""
     cfg = method_cfg(method_name, ["model.quantize=nf4"])
     model, method = attach_method(cfg, tiny_data)
-    quantize_linear_layers(model, "nf4", torch.float32)
     return cfg, model, method
 
 
@@ -78,8 +83,6 @@ def test_the_cpu_trap_train_evaluate_train_keeps_the_gradients(tiny_data, tmp_pa
 
 
 def test_an_adapter_trained_on_an_nf4_base_reloads_onto_it_with_identical_logits(tiny_data, tmp_path):
-    from rigsa.apply import apply_adapter
-    from rigsa.models import load_model
 
     cfg, model, method = quantized("sparta", tiny_data)
     train_steps(model, method, cfg, tiny_data, tmp_path / "state.pt", steps=3)
@@ -98,11 +101,78 @@ def test_an_adapter_trained_on_an_nf4_base_reloads_onto_it_with_identical_logits
 @pytest.mark.parametrize("method_name,message", [
     ("full", r"model.quantize='nf4' is invalid: expected null for method=full"),
     ("head", r"model.quantize='nf4' is invalid: expected null for method=head"),
-    ("lora", r"LoRA's 4-bit base is PEFT's: method=qlora.*Fix: pass model.quantize=null, or method=qlora"),
 ])
 def test_methods_without_a_4bit_path_refuse_it(method_name, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(TINY + [f"method={method_name}", "model.quantize=nf4"]))
+
+
+def test_qlora_is_lora_over_a_quantized_base():
+    """method=qlora is a preset: the config of method=lora with model.quantize=nf4 but for the name; without a 4-bit
+    base it is refused (it would be plain LoRA under QLoRA's name)."""
+    qlora, lora = compose(TINY + ["method=qlora"]), compose(TINY + ["method=lora", "model.quantize=nf4"])
+    assert qlora.model.quantize == "nf4" and qlora.method.name == "qlora"
+    qlora.method.name = "lora"
+    assert qlora == lora
+    assert compose(TINY + ["method=qlora", "model.quantize=fp4"]).model.quantize == "fp4"
+    with pytest.raises(ConfigError, match=r"model.quantize=None is invalid: expected nf4 or fp4 for method=qlora.*"
+                                          r"Fix: pass model.quantize=nf4, or method=lora"):
+        validate(compose(TINY + ["method=qlora", "model.quantize=null"]))
+
+
+@pytest.mark.parametrize("method_name,quant_type", [("qlora", "nf4"), ("qlora", "fp4"), ("dora", "nf4")])
+def test_peft_methods_wrap_the_4bit_layers_and_their_adapters_reload(method_name, quant_type, tmp_path):
+    """LoRA-family adapters over model.quantize: PEFT's LoRA layers wrap the 4-bit layers (quantized before attach),
+    in the requested format; the saved adapter records it and reloads onto a freshly loaded base with equal logits."""
+    import bitsandbytes as bnb
+
+    cfg = method_cfg(method_name, [f"model.quantize={quant_type}"])
+    model, method = attach_method(cfg)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14 and {layer.weight.quant_type for layer in layers} == {quant_type}
+    assert {type(m.base_layer) for m in model.modules() if hasattr(m, "lora_A")} == {bnb.nn.Linear4bit}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # B = 0 at init: give the adapter an effect to reload
+    method.save(tmp_path / "adapter")
+    ids = torch.tensor([[1, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        reloaded = apply_adapter(load_model(cfg.model, 0)[0], tmp_path / "adapter", merge=False)
+        assert torch.equal(reloaded(input_ids=ids).logits, trained)
+    with pytest.raises(AdapterMismatch, match="trained on a different base model"):  # the 4-bit base's fingerprint
+        apply_adapter(load_model(cfg.model, 1)[0], tmp_path / "adapter")
+
+
+def test_a_qlora_adapter_saved_before_the_preset_still_reloads(tmp_path):
+    """Adapters written when QLoRA was `method.load_in_4bit` record {load_in_4bit, quant_type, compute_dtype} and the
+    fingerprint of the weights as loaded (not of the 4-bit base): they reload as before."""
+    import json
+
+    from rigsa.methods.lora import BASE_FILE
+    from rigsa.models import fingerprint
+
+    cfg = method_cfg("qlora")
+    model, method = attach_method(cfg)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    method.save(tmp_path / "adapter")
+    meta_path = tmp_path / "adapter" / BASE_FILE
+    meta = json.loads(meta_path.read_text())
+    assert meta["quantize"] == {"quant_type": "nf4", "compute_dtype": "float32"}
+    del meta["quantize"]
+    meta.update(load_in_4bit=True, quant_type="nf4", compute_dtype="float32",
+                base_fingerprint=fingerprint(load_model(cfg.model, 0)[0]))
+    meta_path.write_text(json.dumps(meta))
+    ids = torch.tensor([[1, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        reloaded = apply_adapter(load_model(cfg.model, 0)[0], tmp_path / "adapter", merge=False)
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(AdapterMismatch, match="trained on a different base model"):
+        apply_adapter(load_model(cfg.model, 1)[0], tmp_path / "adapter")
 
 
 def test_bad_quantize_values_are_refused():
@@ -116,7 +186,6 @@ def test_a_4bit_run_reports_the_quantized_bases_own_share_of_forgetting(tiny_cfg
     """results.forgetting.quantized_base: the suite on the 4-bit base before training, against the unquantized
     base's scores; it equals a direct evaluation of that quantized, unadapted model."""
     from rigsa import forgetting
-    from rigsa.models import load_model
     from rigsa.run import run
 
     cfg = tiny_cfg("method=sparta", "method.budget.density=0.1", "model.quantize=nf4", "eval=offline",
@@ -132,3 +201,43 @@ def test_a_4bit_run_reports_the_quantized_bases_own_share_of_forgetting(tiny_cfg
     assert expected != 0  # 4 bits move the tiny model's scores
     assert share["mean_forgetting"] == pytest.approx(expected, rel=1e-6)
     assert results["forgetting"]["mean_forgetting"] != share["mean_forgetting"]  # training moved it further
+
+
+def test_a_resumed_4bit_run_reads_the_quantized_bases_share_instead_of_measuring_it_again(tiny_cfg, tmp_path,
+                                                                                           private_cache, monkeypatch):
+    from rigsa import run as run_module
+
+    overrides = ("method=sparta", "method.budget.density=0.1", "model.quantize=nf4", "eval=offline",
+                 "eval.forgetting=[{task: rigsa_gsm8k_bpb, num_fewshot: 0, limit: 2}]", "train.checkpoint_every=1")
+    restore = killed_at_step(monkeypatch, 3)  # after the checkpoint of step 2
+    with pytest.raises(KeyboardInterrupt):
+        run_module.run(tiny_cfg(*overrides), tmp_path / "run")
+    restore()
+    kept = json.loads((tmp_path / "run" / run_module.QUANTIZED_BASE_FILE).read_text())
+    labels = []
+    real = run_module.adapted_forgetting
+    monkeypatch.setattr(run_module, "adapted_forgetting", lambda *args: labels.append(args[5:]) or real(*args))
+    results = run_module.run(tiny_cfg(*overrides), tmp_path / "run")
+    assert results["train"]["resumed_from_step"] == {"train": 2}
+    assert labels == [()]  # the final evaluation only: the 4-bit base's share was read back
+    assert results["forgetting"]["quantized_base"]["mean_forgetting"] == kept["mean_forgetting"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (none here)")
+def test_qlora_on_cuda_quantizes_on_the_cpu_and_only_then_moves_the_model(tiny_cfg, tmp_path, monkeypatch):
+    """#12: the device never holds the full-precision base for training: QLoRA's base is quantized where it was
+    loaded (the CPU); the model reaches the GPU 4-bit. The base's target score (not cached here) went there and back."""
+    from rigsa import run as run_module
+
+    seen = []
+    real = run_module.quantize_linear_layers
+
+    def recording(model, *args):
+        seen.append({parameter.device.type for parameter in model.parameters()})
+        return real(model, *args)
+
+    monkeypatch.setattr(run_module, "quantize_linear_layers", recording)
+    results = run_module.run(tiny_cfg("method=qlora", "device=cuda", "eval=target"), tmp_path / "run")
+    assert seen == [{"cpu"}]
+    assert results["target"]["base_accuracy"] is not None

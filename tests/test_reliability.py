@@ -21,6 +21,7 @@ from rigsa.readout import AnswerToken
 from rigsa.run import run
 from rigsa.train import TrainingDiverged
 
+from conftest import killed_at_step
 from test_train import metrics_without_timings
 
 
@@ -108,17 +109,10 @@ def test_3_snip_with_reselection_resumes_to_the_same_masks_values_and_metrics(ti
     overrides = ("eval=none", "method=snip", "method.budget.density=0.1", "method.reselect_every=1",
                  "train.max_steps=4", "train.checkpoint_every=1")
     run(tiny_cfg(*overrides), tmp_path / "reference")
-    original = tracking.Tracker.log
-
-    def killed_at_step_3(self, metrics, step, **kwargs):
-        if step == 3:
-            raise KeyboardInterrupt("killed after the checkpoint of step 2")
-        original(self, metrics, step, **kwargs)
-
-    monkeypatch.setattr(tracking.Tracker, "log", killed_at_step_3)
+    restore = killed_at_step(monkeypatch, 3)  # after the checkpoint of step 2
     with pytest.raises(KeyboardInterrupt):
         run(tiny_cfg(*overrides), tmp_path / "resumed")
-    monkeypatch.setattr(tracking.Tracker, "log", original)
+    restore()
     resumed = run(tiny_cfg(*overrides), tmp_path / "resumed")
     assert resumed["train"]["resumed_from_step"] == {"train": 2}
     reference = load_file(str(tmp_path / "reference" / "adapter" / "adapter.safetensors"))
@@ -275,6 +269,26 @@ def test_6_a_folder_written_before_a_key_existed_counts_as_that_keys_old_value(t
     assert files_of(tmp_path / "run") == before
     with pytest.raises(ConfigError, match=r"model.base_dtype: 'float32' -> 'bfloat16'"):
         run(tiny_cfg("eval=none", "model.base_dtype=bfloat16", "dtype=bfloat16"), tmp_path / "run")
+
+
+def test_6_a_qlora_folder_written_when_qlora_was_method_load_in_4bit_counts_as_model_quantize(tiny_cfg, tmp_path):
+    """QLoRA was method.load_in_4bit / quant_type / compute_dtype before it became LoRA with model.quantize: a finished
+    run written then is today's method=qlora run (a rerun reads only); one written with quant_type fp4 is not."""
+    import yaml
+
+    run(tiny_cfg("eval=none", "method=qlora"), tmp_path / "run")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    saved["model"]["quantize"] = None  # written while model.quantize existed but LoRA's 4 bits were the method's
+    saved["method"].update(load_in_4bit=True, quant_type="nf4", compute_dtype="float32")
+    for written in (saved, {**saved, "model": {k: v for k, v in saved["model"].items() if k != "quantize"}}):
+        (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(written))  # and before it existed
+        before = files_of(tmp_path / "run")
+        run(tiny_cfg("eval=none", "method=qlora"), tmp_path / "run")
+        assert files_of(tmp_path / "run") == before
+    saved["method"]["quant_type"] = "fp4"
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match=r"model.quantize: 'fp4' -> 'nf4'"):
+        run(tiny_cfg("eval=none", "method=qlora"), tmp_path / "run")
 
 
 def test_6_budget_from_a_lora_run_is_refused_before_the_folder(tiny_cfg, tmp_path, monkeypatch):

@@ -59,14 +59,21 @@ def _apply(model: nn.Module, directory: Path, merge: bool) -> nn.Module:
         read_json(directory / "adapter_config.json")
         read_tensors(directory / "adapter_model.safetensors")
         base = read_json(directory / BASE_FILE) if (directory / BASE_FILE).exists() else {}
+        # Written before method=qlora became model.quantize=nf4: `load_in_4bit`, and the fingerprint of the weights as
+        # loaded. Since then: `quantize`, and the fingerprint of the base as trained on (4-bit: quantized first).
+        older = "load_in_4bit" in base
+        quantize = ({"quant_type": base["quant_type"], "compute_dtype": base.get("compute_dtype", "float32")}
+                    if base.get("load_in_4bit") else None) if older else base.get("quantize")
+        if quantize and not older:
+            quantize_linear_layers(model, quantize["quant_type"], getattr(torch, quantize["compute_dtype"]))
         found = fingerprint(model) if base.get("base_fingerprint") else None
         if found and found != base["base_fingerprint"]:
             raise sparse_adapter.AdapterMismatch(
                 f"this adapter was trained on a different base model ({base.get('base_model')!r}, fingerprint "
                 f"{base['base_fingerprint'][:12]}…; this model hashes to {found[:12]}…): load the base model it was "
                 "trained on")
-        if base.get("load_in_4bit"):
-            quantize_linear_layers(model, base["quant_type"], getattr(torch, base.get("compute_dtype", "float32")))
+        if quantize and older:
+            quantize_linear_layers(model, quantize["quant_type"], getattr(torch, quantize["compute_dtype"]))
         peft_model = PeftModel.from_pretrained(model, str(directory))
         return peft_model.merge_and_unload() if merge else peft_model
     raise FileNotFoundError(f"{directory} holds no adapter (expected adapter.json or adapter_config.json): "

@@ -44,7 +44,7 @@ MethodConfig = declare("MethodConfig", _target_=str, name=str)
 FullMethodConfig = declare("FullMethodConfig", MethodConfig, train_embeddings=bool)
 HeadMethodConfig = declare("HeadMethodConfig", MethodConfig)
 LoraMethodConfig = declare("LoraMethodConfig", MethodConfig, r=int, alpha=float, dropout=float, target_modules=Names,
-                           use_dora=bool, load_in_4bit=bool, quant_type=str, compute_dtype=str)
+                           use_dora=bool)
 BudgetConfig = declare("BudgetConfig", density=Optional[float], params=Optional[int], match=OptionalText, r=int,
                        target_modules=Names, from_run=OptionalText)
 SparseMaskMethodConfig = declare("SparseMaskMethodConfig", MethodConfig, selection=str, target_modules=Names,
@@ -264,10 +264,11 @@ def validate(cfg: DictConfig):
 
     method = build_method(cfg.method)
     if model.quantize is not None and QUANTIZED_BASE not in method.bases:
-        lora = cfg.method.get("load_in_4bit") is not None
-        fail("model.quantize", model.quantize, f"null for method={cfg.method.name}, which cannot train over a 4-bit base "
-             f"built here" + (" (LoRA's 4-bit base is PEFT's: method=qlora)" if lora else ""),
-             "pass model.quantize=null" + (", or method=qlora" if lora else ""))
+        fail("model.quantize", model.quantize, f"null for method={cfg.method.name}, which cannot train over a 4-bit base",
+             "pass model.quantize=null")
+    if cfg.method.name == "qlora" and model.quantize is None:
+        fail("model.quantize", None, "nf4 or fp4 for method=qlora (LoRA over a 4-bit base)",
+             "pass model.quantize=nf4, or method=lora for LoRA over the base as loaded")
     if model.quantize is not None and cfg.method.get("reselect_every"):
         fail("method.reselect_every", cfg.method.reselect_every, "0 over a 4-bit base (re-selection scores dense "
              "weight gradients, which a 4-bit weight has not)", "pass method.reselect_every=0")

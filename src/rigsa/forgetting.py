@@ -250,8 +250,9 @@ def evaluate_suite(model: nn.Module, tokenizer, suite: DictConfig, device: torch
 
 
 def base_scores(model: nn.Module, tokenizer, suite: DictConfig, device, dtype: str, seed: int,
-                fingerprint: str) -> tuple[dict, bool]:
-    """The base model's suite scores, cached by model fingerprint, suite settings and lm-eval version."""
+                fingerprint: str, on_device=lambda measure: measure()) -> tuple[dict, bool]:
+    """The base model's suite scores, cached by model fingerprint, suite settings and lm-eval version; computed
+    through `on_device` (run.staged_on for a model kept on the CPU until quantized)."""
     import lm_eval
 
     own = {name: hashlib.sha256(path.read_bytes()).hexdigest()[:12] for name, path in user_tasks(suite).items()}
@@ -261,7 +262,8 @@ def base_scores(model: nn.Module, tokenizer, suite: DictConfig, device, dtype: s
            "lm_eval": getattr(lm_eval, "__version__", "?"),
            "templates": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in TEMPLATES.glob("*.yaml")}}
     names = [local_name(task) for task in suite.forgetting]
-    return cached("base_forgetting", key, lambda: evaluate_suite(model, tokenizer, suite, device, dtype, seed),
+    return cached("base_forgetting", key, lambda: on_device(lambda: evaluate_suite(model, tokenizer, suite, device,
+                                                                                    dtype, seed)),
                   check=lambda result: suite_problem(result, names))
 
 

@@ -30,6 +30,16 @@ def is_quantized(layer: nn.Module) -> bool:
     return type(layer.weight).__name__ == "Params4bit" if hasattr(layer, "weight") else False
 
 
+def quantization(model: nn.Module) -> dict | None:
+    """How the model's 4-bit layers were made ({"quant_type", "compute_dtype"}, read from the first), or None
+    when it has none: what `rigsa.apply` needs to rebuild the base an adapter was trained on."""
+    for module in model.modules():
+        if is_quantized(module) and hasattr(module, "compute_dtype"):  # a 4-bit layer itself, not a wrapper of one
+            return {"quant_type": module.weight.quant_type,
+                    "compute_dtype": str(module.compute_dtype).removeprefix("torch.")}
+    return None
+
+
 def quantize_linear_layers(model: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
                            skip: tuple[str, ...] = ("lm_head",)) -> int:
     """Replace every plain nn.Linear (but the head) by a 4-bit layer whose matmul runs in compute_dtype, and

@@ -101,12 +101,13 @@ def head_starts_from_label_words(head_init: str, tokenizer) -> bool:
     return head_init == "label_words" or (head_init == "auto" and bool(tokenizer.chat_template))
 
 
-def build_readout(task_cfg, data, model: nn.Module, tokenizer, seed: int) -> Readout:
-    """The task's readout for `model` (the base model, before any method is attached)."""
+def build_readout(task_cfg, data, model: nn.Module, tokenizer, seed: int, device=None) -> Readout:
+    """The task's readout for `model` (the base model, before any method is attached); a classification head is
+    made on `device` (default: the LM head's)."""
     if task_cfg.readout == "answer_token":
         return AnswerToken(data.label_token_ids)
     lm_head = model.get_output_embeddings().weight
-    head = nn.Linear(lm_head.shape[1], len(data.label_words), bias=False, device=lm_head.device)
+    head = nn.Linear(lm_head.shape[1], len(data.label_words), bias=False, device=device or lm_head.device)
     with torch.no_grad():
         if head_starts_from_label_words(task_cfg.head_init, tokenizer):
             head.weight.copy_(lm_head[data.label_token_ids.to(lm_head.device)].float())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rigsa.run_folder import has_checkpoint, with_added_keys
+from rigsa.run_folder import has_checkpoint, upgraded
 
 # Config keys that do not change what a run computes (a seed is what a row averages over).
 IGNORED_PREFIXES = ("run.", "logger.", "report.", "objective.")
@@ -104,7 +104,7 @@ def saved_config(config) -> dict:
     """A run's saved config, flat, with the keys added since it was written at their old values (a run from
     before model.base_dtype existed groups with today's float32 runs)."""
     tree = OmegaConf.to_container(config) if not isinstance(config, dict) else config
-    return flatten(with_added_keys(tree))
+    return flatten(upgraded(tree))
 
 
 def auto_label(config: dict, varying: list[str]) -> str:

@@ -16,6 +16,7 @@ from rigsa.config import validate
 from rigsa.evaluate import accuracy_problem, target_accuracy
 from rigsa.memory import model_bytes, peak_memory_bytes, reset_peak_memory
 from rigsa.methods import Calibration, Method
+from rigsa.quantize import quantize_linear_layers
 from rigsa.readout import Readout, build_readout
 from rigsa.sparse.engine import merge_all, unmerge_all
 from rigsa.sparse.schedule import phases
@@ -31,6 +32,55 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def attached(model: torch.nn.Module, method: Method, cfg: DictConfig, calibration: Calibration,
+             device: torch.device) -> torch.nn.Module:
+    """The model to train, on `device`: `method` attached, over a 4-bit base when model.quantize is set: quantized
+    before attach where the method says so (`quantize_first`: PEFT wraps the 4-bit layers; done where the model is,
+    the CPU for a staged model), else after (selection rules score the weights as loaded, not their 4-bit copies)."""
+    quantize = cfg.model.quantize
+    if quantize and method.quantize_first:
+        quantize_linear_layers(model, quantize, getattr(torch, cfg.dtype))
+    model = method.attach(model, calibration).to(device)
+    if quantize and not method.quantize_first:
+        quantize_linear_layers(model, quantize, getattr(torch, cfg.dtype))
+    return model
+
+
+def staged_on(model: torch.nn.Module, device: torch.device):
+    """For a model kept on the CPU until it is quantized: a wrapper that runs a measurement with the model on
+    `device`, then moves it back to the CPU (and frees the device's cache)."""
+    def on_device(measure):
+        model.to(device)
+        try:
+            return measure()
+        finally:
+            model.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return on_device
+
+
+# The 4-bit base's own forgetting, measured before the first step: kept in the run folder so a resumed run reads it.
+QUANTIZED_BASE_FILE = "quantized_base.json"
+
+
+def measured_once(path: Path, measure) -> dict:
+    """A run's measurement kept in its folder: read back when a resumed run finds it readable, else measured and
+    written (atomically)."""
+    from rigsa.cache import write_text_atomically
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or damaged: measure (again)
+        result = measure()
+        write_text_atomically(path, json.dumps(result))
+        return result
+
+
+def measure_here(measure):
+    return measure()
 
 
 def count_trainable(method: Method, readout: Readout) -> int:
@@ -176,40 +226,45 @@ def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) 
 
     model, tokenizer = models.load_model(cfg.model, cfg.seed, tokenizer)
     check_targets(cfg.method, model)  # needs the model; before any evaluation or training
-    model.to(device)
+    # A base quantized before attach (QLoRA) is quantized on the CPU and only then moved: the device never holds the
+    # full-precision model for training. It goes there only to measure the base when its scores are not cached.
+    quantize_first = bool(cfg.model.quantize) and method.quantize_first
+    if quantize_first:
+        on_device = staged_on(model, device)
+    else:
+        model.to(device)
+        on_device = measure_here
     total_params = sum(p.numel() for p in model.parameters())
     base_fingerprint = models.fingerprint(model)
-    readout = build_readout(cfg.task, data, model, tokenizer, cfg.seed)
+    readout = build_readout(cfg.task, data, model, tokenizer, cfg.seed, device)
     base = base_suite = None
     if cfg.eval.target:
         key = {"model": base_fingerprint, "task": data.test_key, "dtype": cfg.dtype, "readout": readout.kind,
                "head": models.hash_tensors((str(n), p) for n, p in enumerate(readout.trainable_parameters()))}
         base, _ = timed(lambda r: f"base model: test {data.metric} {r['metrics'][data.metric]:.4f} on {r['n']} "
                                   f"examples ({readout.kind} readout)",
-                        lambda: cached("base_target", key, lambda: accuracy_on_test(model, data, readout, cfg, device),
+                        lambda: cached("base_target", key,
+                                       lambda: on_device(lambda: accuracy_on_test(model, data, readout, cfg, device)),
                                        check=lambda r: accuracy_problem(r, len(data.test), readout.num_classes)))
     if cfg.eval.forgetting:
         base_suite, _ = timed(lambda r: f"base model, eval={cfg.eval.name}: {summarize(r)}",
                               lambda: forgetting.base_scores(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed,
-                                                             base_fingerprint))
+                                                             base_fingerprint, on_device))
 
     torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
-    model = method.attach(model, Calibration(calibration_batches(data, cfg, device), readout.loss,
-                                             readout.kind)).to(device)
-    if cfg.model.quantize:  # after attach: selection rules score the weights as loaded, not their 4-bit copies
-        from rigsa.quantize import quantize_linear_layers
-
-        quantize_linear_layers(model, cfg.model.quantize, getattr(torch, cfg.dtype))
+    model = attached(model, method, cfg, Calibration(calibration_batches(data, cfg, device), readout.loss, readout.kind),
+                     device)
     initial_trainable = count_trainable(method, readout)
     head_params = sum(parameter.numel() for parameter in readout.trainable_parameters())
     print(f"{method.name}: {initial_trainable:,} trainable of {total_params:,} parameters"
           + (f" (with the {head_params:,}-value classification head)" if head_params else ""))
 
     quantized_base = None
-    if base_suite and (cfg.model.quantize or cfg.method.get("load_in_4bit")):
+    if base_suite and cfg.model.quantize:
         # Before any step the adapter adds nothing (LoRA's B = 0, sparse values 0, RIGSA's gate 1e-6): this is the
         # 4-bit base's own share of the forgetting measured at the end (the base scores are the unquantized model's).
-        quantized_base = adapted_forgetting(model, tokenizer, cfg, device, base_suite, "4-bit base before training")
+        quantized_base = measured_once(run_dir / QUANTIZED_BASE_FILE, lambda: adapted_forgetting(
+            model, tokenizer, cfg, device, base_suite, "4-bit base before training"))
     forgetting_now = None
     if base_suite and cfg.eval.iteration_forgetting:
         forgetting_now = lambda: adapted_forgetting(model, tokenizer, cfg, device, base_suite)  # noqa: E731

@@ -39,10 +39,19 @@ class RunFolderBusy(RuntimeError):
 # Keys added to the config after runs were written without them, with the value every earlier run had in effect:
 # a folder written before the key existed matches a config that holds that value (it resumes, or counts as done).
 ADDED_KEYS = {"model.base_dtype": "float32", "model.quantize": None}
+# LoRA's 4-bit settings before method=qlora became LoRA with model.quantize (their value then moved there).
+MOVED_LORA_KEYS = ("load_in_4bit", "quant_type", "compute_dtype")
 
 
-def with_added_keys(tree: dict) -> dict:
-    """A saved config tree with every ADDED_KEYS key it lacks set to the value in effect before it existed."""
+def upgraded(tree: dict) -> dict:
+    """A saved config tree in today's form: LoRA's old `method.load_in_4bit` / `quant_type` / `compute_dtype` become
+    model.quantize (compute_dtype was the run's dtype), then every ADDED_KEYS key it lacks is set to the value in
+    effect before it existed."""
+    method, model = tree.get("method"), tree.get("model")
+    if isinstance(method, dict) and isinstance(model, dict) and "load_in_4bit" in method:
+        load_in_4bit, quant_type, _ = (method.pop(key, None) for key in MOVED_LORA_KEYS)
+        if load_in_4bit:  # model.quantize, when the folder has it, is null then: LoRA with it was refused
+            model["quantize"] = quant_type
     for key, value in ADDED_KEYS.items():
         *parents, leaf = key.split(".")
         node = tree
@@ -56,7 +65,7 @@ def with_added_keys(tree: dict) -> dict:
 
 
 def _comparable(cfg: DictConfig) -> dict:
-    tree = with_added_keys(OmegaConf.to_container(cfg, resolve=True))
+    tree = upgraded(OmegaConf.to_container(cfg, resolve=True))
     for key in RESUMABLE_KEYS:
         *parents, leaf = key.split(".")
         node = tree

@@ -43,6 +43,9 @@ class Method(Protocol):
     name: str
     prunes: bool  # True when the method implements a pruning schedule (pruning=imp)
     bases: tuple[str, ...]  # the stored base precisions (model.base_dtype) it can train on
+    # With model.quantize: True when the loaded base becomes 4-bit before `attach` (PEFT wraps the 4-bit layers),
+    # False when after (selection rules score the weights as loaded; the adapter layers quantize their own base).
+    quantize_first: bool
 
     def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         """Freeze the base, insert adapters; return the model to train. Selection methods score on

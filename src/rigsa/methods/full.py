@@ -13,6 +13,7 @@ from rigsa.methods import (Calibration, no_pruning, no_sparse_stats, nothing_aft
 class FullFineTuning:
     prunes = False
     bases = ("float32",)  # it updates the base weights themselves
+    quantize_first = False
     param_groups = one_param_group
     after_step = nothing_after_step
     prune = no_pruning

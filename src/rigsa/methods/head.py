@@ -20,6 +20,7 @@ from rigsa.methods import (Calibration, freeze, no_pruning, no_sparse_stats, not
 class HeadOnly:
     prunes = False
     bases = BASE_DTYPES  # its head is a float32 copy
+    quantize_first = False
     param_groups = one_param_group
     after_step = nothing_after_step
     prune = no_pruning

@@ -1,4 +1,5 @@
-"""LoRA, DoRA and QLoRA through peft (QLoRA's 4-bit base through bitsandbytes)."""
+"""LoRA, DoRA and QLoRA through peft. QLoRA is LoRA with model.quantize=nf4: run.py turns the loaded base into
+bitsandbytes 4-bit layers before `attach` (`quantize_first`), and PEFT wraps those."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.config import BASE_DTYPES, fail
+from rigsa.config import BASE_DTYPES, QUANTIZED_BASE, fail
 from rigsa.methods import (Calibration, freeze, no_pruning, no_sparse_stats, nothing_after_step, one_param_group,
                            trainable_named)
 
@@ -17,27 +18,22 @@ BASE_FILE = "rigsa_adapter.json"
 
 class PeftLora:
     prunes = False
-    bases = BASE_DTYPES
+    bases = (*BASE_DTYPES, QUANTIZED_BASE)
+    quantize_first = True
     param_groups = one_param_group
     after_step = nothing_after_step
     prune = no_pruning
     stats = no_sparse_stats
 
-    def __init__(self, *, name: str, r: int, alpha: float, dropout: float, target_modules: list[str], use_dora: bool,
-                 load_in_4bit: bool, quant_type: str, compute_dtype: str):
+    def __init__(self, *, name: str, r: int, alpha: float, dropout: float, target_modules: list[str], use_dora: bool):
         if r < 1:
             fail("method.r", r, "a rank >= 1", "pass method.r=8")
         if not 0 <= dropout < 1:
             fail("method.dropout", dropout, "0 <= dropout < 1", "pass method.dropout=0.0")
-        if load_in_4bit and quant_type not in ("nf4", "fp4"):
-            fail("method.quant_type", quant_type, "nf4 or fp4", "pass method.quant_type=nf4")
-        if compute_dtype not in ("float32", "bfloat16", "float16"):
-            fail("method.compute_dtype", compute_dtype, "float32, bfloat16 or float16",
-                 "leave it at ${dtype} (the run's dtype) or pass method.compute_dtype=float32")
-        self.name, self.compute_dtype = name, compute_dtype
+        self.name = name
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
         self.target_modules = list(target_modules)
-        self.use_dora, self.load_in_4bit, self.quant_type = bool(use_dora), bool(load_in_4bit), quant_type
+        self.use_dora = bool(use_dora)
         self.model: nn.Module | None = None
         self.base_fingerprint = self.base_model = None
 
@@ -54,12 +50,9 @@ class PeftLora:
         from rigsa.models import fingerprint
 
         freeze(model)
-        self.base_fingerprint = fingerprint(model)  # of the weights as loaded: apply_adapter refuses another base
+        # of the weights as loaded (dequantized over a 4-bit base): apply_adapter refuses another base
+        self.base_fingerprint = fingerprint(model)
         self.base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
-        if self.load_in_4bit:
-            from rigsa.quantize import quantize_linear_layers
-
-            quantize_linear_layers(model, self.quant_type, getattr(torch, self.compute_dtype))
         self.model = get_peft_model(model, self.peft_config())
         return self.model
 
@@ -79,8 +72,8 @@ class PeftLora:
         if isinstance(config.get("target_modules"), list):
             config["target_modules"] = sorted(config["target_modules"])
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-        base = {"method": self.name, "load_in_4bit": self.load_in_4bit, "quant_type": self.quant_type,
-                "compute_dtype": self.compute_dtype,
-                "base_model": self.base_model, "base_fingerprint": self.base_fingerprint}
+        from rigsa.quantize import quantization
+
+        base = {"method": self.name, "quantize": quantization(self.model), "base_model": self.base_model, "base_fingerprint": self.base_fingerprint}
         (directory / BASE_FILE).write_text(json.dumps(base, indent=2))
         return sorted(path for path in directory.iterdir() if path.is_file())

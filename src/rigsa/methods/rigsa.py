@@ -82,6 +82,7 @@ def initial_delta(shape: torch.Size, distribution: str, init_scale: float, seed:
 class Rigsa:
     prunes = True
     bases = (*BASE_DTYPES, QUANTIZED_BASE)  # dense phase: W0 + gate * dW in float32; then the engine
+    quantize_first = False
     after_step = nothing_after_step
 
     def __init__(self, *, name: str, target_modules: list[str], init: str, init_scale: float, gate_init: float,

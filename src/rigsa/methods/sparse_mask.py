@@ -46,6 +46,7 @@ def calibration_gradients(model: nn.Module, targets: dict[str, nn.Linear], calib
 class SparseMask:
     prunes = False
     bases = (*BASE_DTYPES, QUANTIZED_BASE)  # the engine keeps the delta unmerged over a bf16 base
+    quantize_first = False
     param_groups = one_param_group
     prune = no_pruning
 

@@ -49,10 +49,9 @@ def target_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
 def save(model: nn.Module, state: dict[str, torch.Tensor], directory: Path, metadata: dict) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     layers = sorted(sparse_layers(model))
-    quantized = [layer.base_layer for layer in sparse_layers(model).values() if layer.base_layer is not None]
-    quantize = None if not quantized else {"quant_type": quantized[0].weight.quant_type,
-                                           "compute_dtype": str(quantized[0].compute_dtype).removeprefix("torch.")}
-    meta = {**metadata, "format": "rigsa-sparse-v1", "layers": layers, "quantize": quantize,
+    from rigsa.quantize import quantization
+
+    meta = {**metadata, "format": "rigsa-sparse-v1", "layers": layers, "quantize": quantization(model),
             "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
             "base_fingerprint": target_fingerprint(model, layers)}
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}

@@ -1,5 +1,5 @@
-"""model.quantize=nf4: the sparse methods, RIGSA and the LoRA family (method=qlora) over a bitsandbytes 4-bit base. The engine's unmerged
-path against float64 over the dequantized weights, training without touching the base, the CPU trap
+"""model.quantize=nf4: the sparse methods, RIGSA and the LoRA family (method=qlora) over a bitsandbytes 4-bit base.
+The engine's unmerged path against float64 over the dequantized weights, training without touching the base, the CPU trap
 (train -> evaluate -> train keeps its gradients) and an adapter that reloads onto its 4-bit base."""
 from __future__ import annotations
 
@@ -107,6 +107,14 @@ def test_methods_without_a_4bit_path_refuse_it(method_name, message):
         validate(compose(TINY + [f"method={method_name}", "model.quantize=nf4"]))
 
 
+@torch.no_grad()
+def give_lora_an_effect(model):
+    """LoRA's B starts at zero: random B matrices, so that a reload that lost the adapter shows."""
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.normal_()
+
+
 def test_qlora_is_lora_over_a_quantized_base():
     """method=qlora is a preset: the config of method=lora with model.quantize=nf4 but for the name; without a 4-bit
     base it is refused (it would be plain LoRA under QLoRA's name)."""
@@ -131,10 +139,7 @@ def test_peft_methods_wrap_the_4bit_layers_and_their_adapters_reload(method_name
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 14 and {layer.weight.quant_type for layer in layers} == {quant_type}
     assert {type(m.base_layer) for m in model.modules() if hasattr(m, "lora_A")} == {bnb.nn.Linear4bit}
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_()  # B = 0 at init: give the adapter an effect to reload
+    give_lora_an_effect(model)
     method.save(tmp_path / "adapter")
     ids = torch.tensor([[1, 17, 42, 99, 7, 3]])
     with torch.no_grad():
@@ -145,20 +150,39 @@ def test_peft_methods_wrap_the_4bit_layers_and_their_adapters_reload(method_name
         apply_adapter(load_model(cfg.model, 1)[0], tmp_path / "adapter")
 
 
+@pytest.mark.parametrize("method_name", ["sparta", "qlora"])
+def test_rigsa_apply_exports_a_4bit_trained_adapter_as_the_float_model_it_trained(method_name, tiny_data, tmp_path):
+    """The merged model of an adapter trained over nf4 is the function trained: dequantized 4-bit weights plus the
+    delta, in float32 layers a plain from_pretrained loads (merging into the 4-bit weights would re-quantize them)."""
+    from transformers import AutoModelForCausalLM
+
+    from rigsa.apply import main as apply_main
+
+    cfg, model, method = quantized(method_name, tiny_data)
+    train_steps(model, method, cfg, tiny_data, tmp_path / "state.pt", steps=3)
+    method.save(tmp_path / "adapter")
+    ids = torch.tensor([[1, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    assert apply_main([str(tmp_path / "adapter"), "--model", "tiny", "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(is_quantized(module) for module in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
+        plain = load_model(cfg.model, 0)[0]
+        quantize_linear_layers(plain, "nf4", torch.float32)
+        assert (plain(input_ids=ids).logits - trained).abs().max() > 1e-3  # the delta is in the export
+
+
 def test_a_qlora_adapter_saved_before_the_preset_still_reloads(tmp_path):
     """Adapters written when QLoRA was `method.load_in_4bit` record {load_in_4bit, quant_type, compute_dtype} and the
     fingerprint of the weights as loaded (not of the 4-bit base): they reload as before."""
-    import json
-
     from rigsa.methods.lora import BASE_FILE
     from rigsa.models import fingerprint
 
     cfg = method_cfg("qlora")
     model, method = attach_method(cfg)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_()
+    give_lora_an_effect(model)
     method.save(tmp_path / "adapter")
     meta_path = tmp_path / "adapter" / BASE_FILE
     meta = json.loads(meta_path.read_text())

@@ -55,6 +55,8 @@ CASES = [  # (in, out, density, bias, batch shape, value-gradient path)
     (96, 80, 0.3, False, (5, 37), "kernel"),  # 185 tokens: several tiles, split between threads
     (64, 16, 1.0, True, (2, 40), "kernel"),
     (128, 64, 0.002, False, (4, 9), "kernel"),  # 16 values: most rows and columns unused
+    (37, 53, 0.08, False, (7, 41), "kernel"),  # 287 tokens, widths no multiple of 16: the transposes' remainders
+    (40, 24, 0.02, False, (3, 30), "kernel"),  # 19 values: fewer than half the rows and columns in use
     (32, 48, 0.05, True, (3, 7), "gather"),
     (64, 16, 0.5, False, (5,), "gather"),
     (96, 80, 0.9, True, (2, 4, 3), "sampled"),
@@ -165,6 +167,29 @@ def test_reindex_carries_kept_values_and_restores_the_rest_of_the_base():
     expected = original.clone().reshape(-1)
     expected[[5, 9]] += torch.tensor([5.0, 9.0])
     assert torch.equal(layer.weight.reshape(-1), expected)
+
+
+def test_a_kernel_cache_built_for_another_cpus_vector_extensions_is_not_loaded(tmp_path, monkeypatch):
+    """The kernel is built with the vector extensions torch reads off this CPU (AVX-512, AVX2, or none), never
+    -march=native; the cache folder is keyed by those flags, so a cache copied from a CPU with more of them is not
+    loaded (it would die on an illegal instruction): the kernel is compiled for this CPU's flags instead."""
+    from torch.utils import cpp_extension
+
+    from rigsa import assets
+
+    require_kernel()
+    built = Path(engine.kernel().__file__).parent
+    shutil.copytree(built, tmp_path / "cache" / "kernels" / built.name)
+    monkeypatch.setattr(assets, "cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setattr(engine, "_KERNEL", {})
+    compiled = []
+    monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: compiled.append(kwargs["extra_cflags"]))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert "-march=native" not in engine.kernel_flags() and engine.kernel_flags() == ["-O3", "-fopenmp-simd"]
+    engine.kernel()
+    assert compiled == [["-O3", "-fopenmp-simd"]]  # not the copied AVX-512 build
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert engine.kernel_flags() == ["-O3", "-fopenmp-simd", "-mavx2", "-mfma"]
 
 
 def test_a_copied_kernel_cache_loads_without_compiling(tmp_path, monkeypatch):

@@ -13,7 +13,9 @@ from test_sparse_engine import assert_matches_reference, reference, relative_err
 CASES = [  # (in, out, density, bias, batch shape, product route)
     (32, 48, 0.05, True, (3, 7), "kernel"),
     (96, 80, 0.3, False, (5, 37), "kernel"),  # 185 tokens, split between threads
+    (96, 80, 0.05, False, (5, 37), "kernel"),  # 185 tokens on the kernel's value path: 2 sampled tiles, the last partial
     (128, 64, 0.002, False, (4, 9), "kernel"),  # most rows of S empty
+    (37, 53, 0.08, False, (7, 41), "kernel"),  # 287 tokens, widths no multiple of 16: the transposes' remainders
     (64, 16, 1.0, True, (2, 40), "kernel"),
     (32, 48, 0.05, True, (3, 7), "torch"),
     (96, 80, 0.3, False, (5, 37), "torch"),

@@ -118,6 +118,57 @@ def load_dense(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
+def trained_over_4bit(directory: Path) -> bool:
+    """Whether the adapter in `directory` was trained over a 4-bit base (its `quantize` record; older QLoRA adapters:
+    `load_in_4bit`)."""
+    from rigsa.methods.lora import BASE_FILE
+
+    for name in ("adapter.json", BASE_FILE):
+        if (directory / name).exists():
+            meta = read_json(directory / name)
+            return bool(meta.get("quantize") or meta.get("load_in_4bit"))
+    return False
+
+
+@torch.no_grad()
+def in_float_weights(model: nn.Module) -> nn.Module:
+    """The model an adapter trained over a 4-bit base computes, as plain float32 layers to export: each 4-bit weight
+    dequantized (what the trained model multiplied with), a sparse delta added to it, a PEFT adapter merged into it.
+    Merging into the 4-bit weights instead would re-quantize them and lose most of a small delta."""
+    from rigsa.methods import replace_module
+    from rigsa.quantize import dequantized_weight, is_quantized
+    from rigsa.sparse.engine import SparseDeltaLinear
+
+    def plain(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+        layer.weight.copy_(weight.float())
+        if bias is not None:
+            layer.bias.copy_(bias.float())
+        return layer.requires_grad_(False)
+
+    replaced: list[str] = []
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(parent + ".") for parent in replaced):
+            continue  # inside a layer already replaced (a sparse layer's 4-bit base)
+        if isinstance(module, SparseDeltaLinear) and module.base_layer is not None:
+            weight = dequantized_weight(module.base_layer).float().reshape(-1)
+            weight[module.flat] += module.gate.detach().float() * module.values.detach().float()
+            layer = plain(weight.reshape(module.out_features, module.in_features), module.base_layer.bias)
+        elif is_quantized(module) and hasattr(module, "compute_dtype"):  # a 4-bit layer itself, not a PEFT wrapper
+            layer = plain(dequantized_weight(module), module.bias)
+        else:
+            continue
+        replace_module(model, name, layer)
+        replaced.append(name)
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    head = model._modules.get("classifier_head")  # set on the PeftModel by apply_adapter: carried over
+    merged = model.merge_and_unload()
+    if head is not None:
+        merged.classifier_head = head
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
@@ -141,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.shira:
             print(f"SHiRA adapter: {sparse_adapter.export_shira(model, args.adapter, args.out)}")
             return 0
-        merged = apply_adapter(model, args.adapter, merge=True)
+        over_4bit = trained_over_4bit(Path(args.adapter))
+        merged = apply_adapter(model, args.adapter, merge=not over_4bit)
+        if over_4bit:
+            merged = in_float_weights(merged)
         head = merged._modules.pop("classifier_head", None)  # not part of the causal LM: saved beside it
         merged.save_pretrained(args.out)
         if head is not None:

@@ -50,7 +50,8 @@ class PeftLora:
         from rigsa.models import fingerprint
 
         freeze(model)
-        # of the weights as loaded (dequantized over a 4-bit base): apply_adapter refuses another base
+        # of the base as trained on (a 4-bit one: its packed weights and quantization state, which rigsa.apply
+        # rebuilds from the weights as loaded before it compares): apply_adapter refuses another base
         self.base_fingerprint = fingerprint(model)
         self.base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
         self.model = get_peft_model(model, self.peft_config())
@@ -74,6 +75,7 @@ class PeftLora:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
         from rigsa.quantize import quantization
 
-        base = {"method": self.name, "quantize": quantization(self.model), "base_model": self.base_model, "base_fingerprint": self.base_fingerprint}
+        base = {"method": self.name, "quantize": quantization(self.model), "base_model": self.base_model,
+                "base_fingerprint": self.base_fingerprint}
         (directory / BASE_FILE).write_text(json.dumps(base, indent=2))
         return sorted(path for path in directory.iterdir() if path.is_file())

@@ -7,9 +7,9 @@
 //
 //     out[k] = sum_t g[t, r_k] * x[t, c_k],   (r_k, c_k) = divmod(indices[k], in)
 //
-// Tokens go in tiles of TILE. Each tile's needed rows of g and columns of x are transposed into
+// Tokens go in tiles of SAMPLED_TILE. Each tile's needed rows of g and columns of x are transposed into
 // small token-contiguous buffers (they stay in cache), then every index takes a dot product of
-// length TILE. torch's route (a transposing copy of all of g and x to memory, then
+// length SAMPLED_TILE. torch's route (a transposing copy of all of g and x to memory, then
 // sparse.sampled_addmm) moves about 3x the bytes. Threads split the tiles; each keeps its own sums.
 #include <torch/extension.h>
 
@@ -19,7 +19,14 @@
 
 namespace {
 
-constexpr int64_t TILE = 32;  // tokens per tile (measured: 32 beat 64 and 128 here)
+// Tokens per tile. spmm / spmm_t: 32 (measured: 32 beat 64 and 128, and built with AVX-512 32 and 64 tie). sampled_dot:
+// 128, built with AVX-512 (measured in one process, 1,000 tokens, LoRA r=8's count: 1.4-1.6x faster than 32, whose
+// one horizontal sum per value and tile then dominates; 256 no better); its buffers then take about 1 MB per
+// thread for a 576 x 1536 layer. Also measured and not kept: 16 x 16 register transposes (AVX-512 permutes) of the
+// tiles, no faster (the products' scattered loads from the buffers dominate, not the transposes), and a fused
+// backward pass (S^T g and the value gradient sharing g's transposed tiles), no faster either.
+constexpr int64_t TILE = 32;
+constexpr int64_t SAMPLED_TILE = 128;
 constexpr int64_t BLOCK = 8;  // tokens read together while transposing
 constexpr int64_t ACCUMULATORS = 4;  // spmm_add's independent partial sums per row (the sum below adds 4)
 constexpr int64_t FEATURE_BLOCK = 16;  // output features written together when transposing back
@@ -28,32 +35,32 @@ template <typename G, typename X>
 void run_tiles(const G* g, const X* x, int64_t O, int64_t I, int64_t T, const int64_t* urows, int64_t nr,
                const int64_t* ucols, int64_t nc, const int32_t* lrow, const int32_t* lcol, int64_t m,
                int64_t tile_begin, int64_t tile_end, float* acc) {
-  std::vector<float> gt(nr * TILE), xt(nc * TILE);
+  std::vector<float> gt(nr * SAMPLED_TILE), xt(nc * SAMPLED_TILE);
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-    const int64_t t0 = tile * TILE, n = std::min(TILE, T - t0);
-    if (n < TILE) {
+    const int64_t t0 = tile * SAMPLED_TILE, n = std::min(SAMPLED_TILE, T - t0);
+    if (n < SAMPLED_TILE) {
       std::fill(gt.begin(), gt.end(), 0.f);
       std::fill(xt.begin(), xt.end(), 0.f);
     }
     for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
       const int64_t nj = std::min(BLOCK, n - j0);
       for (int64_t r = 0; r < nr; ++r) {
-        float* d = gt.data() + r * TILE + j0;
+        float* d = gt.data() + r * SAMPLED_TILE + j0;
         const G* s = g + (t0 + j0) * O + urows[r];
         for (int64_t j = 0; j < nj; ++j) d[j] = static_cast<float>(s[j * O]);
       }
       for (int64_t c = 0; c < nc; ++c) {
-        float* d = xt.data() + c * TILE + j0;
+        float* d = xt.data() + c * SAMPLED_TILE + j0;
         const X* s = x + (t0 + j0) * I + ucols[c];
         for (int64_t j = 0; j < nj; ++j) d[j] = static_cast<float>(s[j * I]);
       }
     }
     for (int64_t k = 0; k < m; ++k) {
-      const float* a = gt.data() + lrow[k] * TILE;
-      const float* b = xt.data() + lcol[k] * TILE;
+      const float* a = gt.data() + lrow[k] * SAMPLED_TILE;
+      const float* b = xt.data() + lcol[k] * SAMPLED_TILE;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < TILE; ++j) s += a[j] * b[j];
+      for (int64_t j = 0; j < SAMPLED_TILE; ++j) s += a[j] * b[j];
       acc[k] += s;
     }
   }
@@ -64,7 +71,7 @@ torch::Tensor dispatch(const torch::Tensor& g, const torch::Tensor& x, const std
                        const std::vector<int32_t>& lcol, const std::vector<int64_t>& urows,
                        const std::vector<int64_t>& ucols, int64_t threads) {
   const int64_t T = g.size(0), O = g.size(1), I = x.size(1), m = static_cast<int64_t>(lrow.size());
-  const int64_t tiles = (T + TILE - 1) / TILE;
+  const int64_t tiles = (T + SAMPLED_TILE - 1) / SAMPLED_TILE;
   threads = std::max<int64_t>(1, std::min(threads, tiles));
   auto partial = torch::zeros({threads, m}, g.options().dtype(torch::kFloat32));
   const G* gp = reinterpret_cast<const G*>(g.data_ptr());
@@ -106,7 +113,7 @@ void positions(const torch::Tensor& indices, int64_t O, int64_t I, std::vector<i
 
 // g: [T, out] and x: [T, in], contiguous, float32 or bfloat16; indices: the m flat positions into the
 // [out, in] weight (int32 or int64). Returns the m sums in float32. Extra memory, all freed on return:
-// O(threads * (m + TILE * (out + in))).
+// O(threads * (m + SAMPLED_TILE * (out + in))).
 torch::Tensor sampled_dot(torch::Tensor g, torch::Tensor x, torch::Tensor indices, int64_t threads) {
   TORCH_CHECK(g.dim() == 2 && x.dim() == 2 && g.size(0) == x.size(0), "sampled_dot: g [T, out] and x [T, in]");
   TORCH_CHECK(g.is_contiguous() && x.is_contiguous() && indices.is_contiguous(), "sampled_dot: contiguous inputs");

@@ -98,6 +98,25 @@ def test_an_adapter_trained_on_an_nf4_base_reloads_onto_it_with_identical_logits
         assert not torch.equal(plain(input_ids=ids).logits, trained)  # the adapter matters
 
 
+def test_rigsas_dense_adapter_trained_on_an_nf4_base_reloads_to_its_logits(tiny_data, tmp_path):
+    """Before its first prune RIGSA saves a dense delta; over a 4-bit base it records `quantize`, and the reload
+    computes the dequantized weight plus the delta in a float32 layer: the trained float32 sum, up to its rounding."""
+    import json
+
+    cfg, model, method = quantized("rigsa", tiny_data)
+    train_steps(model, method, cfg, tiny_data, tmp_path / "state.pt", steps=3)
+    method.save(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["quantize"]["quant_type"] == "nf4"
+    ids = torch.tensor([[1, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        reloaded = apply_adapter(load_model(cfg.model, 0)[0], tmp_path / "adapter")
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+        plain = load_model(cfg.model, 0)[0]
+        quantize_linear_layers(plain, "nf4", torch.float32)
+        assert (plain(input_ids=ids).logits - trained).abs().max() > 1e-3  # the adapter matters
+
+
 @pytest.mark.parametrize("method_name,message", [
     ("full", r"model.quantize='nf4' is invalid: expected null for method=full"),
     ("head", r"model.quantize='nf4' is invalid: expected null for method=head"),
@@ -150,7 +169,7 @@ def test_peft_methods_wrap_the_4bit_layers_and_their_adapters_reload(method_name
         apply_adapter(load_model(cfg.model, 1)[0], tmp_path / "adapter")
 
 
-@pytest.mark.parametrize("method_name", ["sparta", "qlora"])
+@pytest.mark.parametrize("method_name", ["sparta", "qlora", "rigsa"])  # rigsa: its dense phase's adapter
 def test_rigsa_apply_exports_a_4bit_trained_adapter_as_the_float_model_it_trained(method_name, tiny_data, tmp_path):
     """The merged model of an adapter trained over nf4 is the function trained: dequantized 4-bit weights plus the
     delta, in float32 layers a plain from_pretrained loads (merging into the 4-bit weights would re-quantize them)."""

@@ -42,11 +42,11 @@ def _apply(model: nn.Module, directory: Path, merge: bool) -> nn.Module:
     if (directory / "adapter.json").exists():
         meta = read_json(directory / "adapter.json")
         tensors = read_tensors(directory / "adapter.safetensors")
-        if meta.get("format") == "rigsa-sparse-v1":
-            if meta.get("quantize"):  # trained over a 4-bit base: rebuild that base first (quantization is deterministic)
-                from rigsa.quantize import quantize_linear_layers
+        if meta.get("quantize"):  # trained over a 4-bit base: rebuild that base first (quantization is deterministic)
+            from rigsa.quantize import quantize_linear_layers
 
-                quantize_linear_layers(model, meta["quantize"]["quant_type"], getattr(torch, meta["quantize"]["compute_dtype"]))
+            quantize_linear_layers(model, meta["quantize"]["quant_type"], getattr(torch, meta["quantize"]["compute_dtype"]))
+        if meta.get("format") == "rigsa-sparse-v1":
             return sparse_adapter.load(model, meta, tensors, merge=merge)
         return load_dense(model, tensors)
     if (directory / "adapter_config.json").exists():
@@ -106,16 +106,35 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_dense(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Write a dense adapter state into `model`: `<layer>.dense_delta` is added to the layer's weight,
     `lm_head.weight` becomes an untied head, any other name replaces that parameter's values."""
+    from rigsa.quantize import dequantized_weight, is_quantized
+
     for name, tensor in tensors.items():
         if name.endswith(".dense_delta"):
-            weight = model.get_submodule(name.removesuffix(".dense_delta")).weight
-            weight.add_(tensor.to(weight.dtype))
+            layer_name = name.removesuffix(".dense_delta")
+            layer = model.get_submodule(layer_name)
+            if is_quantized(layer):  # RIGSA's dense phase over a 4-bit base: its float32 sum, as a float32 layer
+                from rigsa.methods import replace_module
+
+                replace_module(model, layer_name, float_linear(dequantized_weight(layer).float() + tensor.float(),
+                                                               layer.bias))
+            else:
+                layer.weight.add_(tensor.to(layer.weight.dtype))
         elif name == "lm_head.weight":
             load_head(model, tensor)
         else:
             parameter = model.get_parameter(name)
             parameter.copy_(tensor.to(parameter.dtype))
     return model
+
+
+@torch.no_grad()
+def float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A frozen float32 nn.Linear holding `weight` and `bias`."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+    layer.weight.copy_(weight.float())
+    if bias is not None:
+        layer.bias.copy_(bias.float())
+    return layer.requires_grad_(False)
 
 
 def trained_over_4bit(directory: Path) -> bool:
@@ -139,13 +158,6 @@ def in_float_weights(model: nn.Module) -> nn.Module:
     from rigsa.quantize import dequantized_weight, is_quantized
     from rigsa.sparse.engine import SparseDeltaLinear
 
-    def plain(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
-        layer.weight.copy_(weight.float())
-        if bias is not None:
-            layer.bias.copy_(bias.float())
-        return layer.requires_grad_(False)
-
     replaced: list[str] = []
     for name, module in list(model.named_modules()):
         if any(name.startswith(parent + ".") for parent in replaced):
@@ -153,9 +165,9 @@ def in_float_weights(model: nn.Module) -> nn.Module:
         if isinstance(module, SparseDeltaLinear) and module.base_layer is not None:
             weight = dequantized_weight(module.base_layer).float().reshape(-1)
             weight[module.flat] += module.gate.detach().float() * module.values.detach().float()
-            layer = plain(weight.reshape(module.out_features, module.in_features), module.base_layer.bias)
+            layer = float_linear(weight.reshape(module.out_features, module.in_features), module.base_layer.bias)
         elif is_quantized(module) and hasattr(module, "compute_dtype"):  # a 4-bit layer itself, not a PEFT wrapper
-            layer = plain(dequantized_weight(module), module.bias)
+            layer = float_linear(dequantized_weight(module), module.bias)
         else:
             continue
         replace_module(model, name, layer)

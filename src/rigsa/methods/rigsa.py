@@ -194,5 +194,8 @@ class Rigsa:
 
     def save(self, directory: Path) -> list[Path]:
         if any(isinstance(layer, DenseGatedLinear) for layer in self.layers().values()):
-            return save_state(self.adapter_state(), directory, {"method": self.name, **self.stats()})
+            from rigsa.quantize import quantization
+
+            return save_state(self.adapter_state(), directory, {"method": self.name, **self.stats(),
+                                                                 "quantize": quantization(self.model)})
         return sparse_adapter.save(self.model, self.adapter_state(), directory, {"method": self.name, **self.stats()})

@@ -18,6 +18,7 @@ from torch import nn
 from rigsa.assets import AssetError
 from rigsa.cache import UnreadableFile
 from rigsa.methods import load_head
+from rigsa.quantize import quantize_as
 from rigsa.sparse import adapter as sparse_adapter
 
 
@@ -42,10 +43,7 @@ def _apply(model: nn.Module, directory: Path, merge: bool) -> nn.Module:
     if (directory / "adapter.json").exists():
         meta = read_json(directory / "adapter.json")
         tensors = read_tensors(directory / "adapter.safetensors")
-        if meta.get("quantize"):  # trained over a 4-bit base: rebuild that base first (quantization is deterministic)
-            from rigsa.quantize import quantize_linear_layers
-
-            quantize_linear_layers(model, meta["quantize"]["quant_type"], getattr(torch, meta["quantize"]["compute_dtype"]))
+        quantize_as(model, meta.get("quantize"))  # trained over a 4-bit base: rebuild that base first
         if meta.get("format") == "rigsa-sparse-v1":
             return sparse_adapter.load(model, meta, tensors, merge=merge)
         return load_dense(model, tensors)
@@ -53,7 +51,6 @@ def _apply(model: nn.Module, directory: Path, merge: bool) -> nn.Module:
         from peft import PeftModel
 
         from rigsa.methods.lora import BASE_FILE
-        from rigsa.quantize import quantize_linear_layers
         from rigsa.models import fingerprint
 
         read_json(directory / "adapter_config.json")
@@ -62,18 +59,20 @@ def _apply(model: nn.Module, directory: Path, merge: bool) -> nn.Module:
         # Written before method=qlora became model.quantize=nf4: `load_in_4bit`, and the fingerprint of the weights as
         # loaded. Since then: `quantize`, and the fingerprint of the base as trained on (4-bit: quantized first).
         older = "load_in_4bit" in base
-        quantize = ({"quant_type": base["quant_type"], "compute_dtype": base.get("compute_dtype", "float32")}
-                    if base.get("load_in_4bit") else None) if older else base.get("quantize")
-        if quantize and not older:
-            quantize_linear_layers(model, quantize["quant_type"], getattr(torch, quantize["compute_dtype"]))
+        if older:
+            quantize = ({"quant_type": base["quant_type"], "compute_dtype": base.get("compute_dtype", "float32")}
+                        if base["load_in_4bit"] else None)
+        else:
+            quantize = base.get("quantize")
+            quantize_as(model, quantize)
         found = fingerprint(model) if base.get("base_fingerprint") else None
         if found and found != base["base_fingerprint"]:
             raise sparse_adapter.AdapterMismatch(
                 f"this adapter was trained on a different base model ({base.get('base_model')!r}, fingerprint "
                 f"{base['base_fingerprint'][:12]}…; this model hashes to {found[:12]}…): load the base model it was "
                 "trained on")
-        if quantize and older:
-            quantize_linear_layers(model, quantize["quant_type"], getattr(torch, quantize["compute_dtype"]))
+        if older:
+            quantize_as(model, quantize)
         peft_model = PeftModel.from_pretrained(model, str(directory))
         return peft_model.merge_and_unload() if merge else peft_model
     raise FileNotFoundError(f"{directory} holds no adapter (expected adapter.json or adapter_config.json): "
@@ -163,7 +162,7 @@ def in_float_weights(model: nn.Module) -> nn.Module:
         if any(name.startswith(parent + ".") for parent in replaced):
             continue  # inside a layer already replaced (a sparse layer's 4-bit base)
         if isinstance(module, SparseDeltaLinear) and module.base_layer is not None:
-            weight = dequantized_weight(module.base_layer).float().reshape(-1)
+            weight = module.base_weight().float().reshape(-1)
             weight[module.flat] += module.gate.detach().float() * module.values.detach().float()
             layer = float_linear(weight.reshape(module.out_features, module.in_features), module.base_layer.bias)
         elif is_quantized(module) and hasattr(module, "compute_dtype"):  # a 4-bit layer itself, not a PEFT wrapper

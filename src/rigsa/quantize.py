@@ -40,6 +40,12 @@ def quantization(model: nn.Module) -> dict | None:
     return None
 
 
+def quantize_as(model: nn.Module, record: dict | None) -> None:
+    """Rebuild the 4-bit base a `quantization` record describes (quantization is deterministic); None: nothing."""
+    if record:
+        quantize_linear_layers(model, record["quant_type"], getattr(torch, record["compute_dtype"]))
+
+
 def quantize_linear_layers(model: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
                            skip: tuple[str, ...] = ("lm_head",)) -> int:
     """Replace every plain nn.Linear (but the head) by a 4-bit layer whose matmul runs in compute_dtype, and

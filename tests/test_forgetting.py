@@ -190,7 +190,8 @@ def test_an_own_task_yaml_runs_as_the_forgetting_suite_through_include_path(tiny
 
 
 def test_an_own_task_on_the_hub_still_needs_it_and_bad_paths_are_refused(tmp_path):
-    from rigsa.config import ConfigError, validate
+    from rigsa.vocabulary import ConfigError
+    from rigsa.validate import validate
 
     quiz_task(tmp_path, dataset_path="someone/quiz_on_the_hub")
     cfg = compose(TINY + [f"eval.include_path=[{tmp_path}]", "eval.forgetting=[{task: my_quiz}, {task: piqa}]"])
@@ -205,7 +206,8 @@ def test_an_own_task_on_the_hub_still_needs_it_and_bad_paths_are_refused(tmp_pat
 def test_builtin_tasks_read_local_csv_and_parquet_and_refuse_other_formats(tmp_path):
     import datasets
 
-    from rigsa.config import ConfigError, validate
+    from rigsa.vocabulary import ConfigError
+    from rigsa.validate import validate
 
     rows = datasets.load_dataset("json", data_files=str(FIXTURES / "piqa.jsonl"))["train"]
     rows.to_csv(str(tmp_path / "piqa.csv"), index=False)

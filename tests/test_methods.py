@@ -4,14 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rigsa.config import options
-from rigsa.methods import trainable_named
+from rigsa.model_edits import trainable_named
 from rigsa.models import load_model
 from rigsa.sparse.engine import sparse_layers, unmerge_all
 from rigsa.train import train
 
 from conftest import (answer_loss, assert_an_evaluation_keeps_the_gradients, attach_method, digit_readout, method_cfg,
-                      train_steps)
+                      train_steps, trained_methods)
 
 CPU = torch.device("cpu")
 
@@ -30,7 +29,7 @@ def run_steps(model, method, cfg, data, path, steps: int, lr: float):
     return train_steps(model, method, cfg, data, path / "state.pt", steps, lr)
 
 
-@pytest.mark.parametrize("method_name", options("method"))
+@pytest.mark.parametrize("method_name", trained_methods())
 def test_method_trains_and_changes_only_its_parameters(method_name, tiny_data, tmp_path):
     data = tiny_data
     cfg, model, method, originals, snapshot = attach(method_name, data)

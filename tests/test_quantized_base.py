@@ -11,14 +11,16 @@ from torch import nn
 
 from conftest import (TINY, assert_an_evaluation_keeps_the_gradients, attach_method, digit_readout, killed_at_step,
                       method_cfg)
+from rigsa.adapters import AdapterMismatch
 from rigsa.apply import apply_adapter
-from rigsa.config import ConfigError, compose, validate
+from rigsa.config import compose
 from rigsa.methods import PruneStep
 from rigsa.models import load_model
 from rigsa.quantize import dequantized_weight, is_quantized, linear4bit, quantize_linear_layers
-from rigsa.sparse.adapter import AdapterMismatch
 from rigsa.sparse.engine import SparseDeltaLinear, sparse_layers
 from rigsa.train import train
+from rigsa.validate import validate
+from rigsa.vocabulary import ConfigError
 from test_sparse_engine import assert_matches_reference
 
 CPU = torch.device("cpu")
@@ -196,7 +198,7 @@ def test_rigsa_apply_exports_a_4bit_trained_adapter_as_the_float_model_it_traine
 def test_a_qlora_adapter_saved_before_the_preset_still_reloads(tmp_path):
     """Adapters written when QLoRA was `method.load_in_4bit` record {load_in_4bit, quant_type, compute_dtype} and the
     fingerprint of the weights as loaded (not of the 4-bit base): they reload as before."""
-    from rigsa.methods.lora import BASE_FILE
+    from rigsa.adapters import PEFT_BASE_FILE as BASE_FILE
     from rigsa.models import fingerprint
 
     cfg = method_cfg("qlora")

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from rigsa import cache, checkpoints, models, run_folder, tracking
 from rigsa.cache import UnreadableFile
-from rigsa.config import ConfigError
 from rigsa.readout import AnswerToken
 from rigsa.run import run
 from rigsa.train import TrainingDiverged
+from rigsa.vocabulary import ConfigError
 
 from conftest import killed_at_step
 from test_train import metrics_without_timings
@@ -315,7 +315,7 @@ def test_7_run_name_must_stay_inside_run_root(tiny_cfg, tmp_path):
 
 def test_7_a_lora_adapter_is_refused_on_another_base(tiny_cfg, tmp_path):
     from rigsa.apply import apply_adapter
-    from rigsa.sparse.adapter import AdapterMismatch
+    from rigsa.adapters import AdapterMismatch
 
     cfg = tiny_cfg("eval=none")
     run(cfg, tmp_path / "run")

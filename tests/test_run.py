@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rigsa import evaluate
-from rigsa.config import ConfigError
 from rigsa.readout import AnswerToken
 from rigsa.run import run
+from rigsa.vocabulary import ConfigError
 
 RESULT_KEYS = {"method", "model", "task", "seed", "trainable_params", "total_params", "target", "train",
                "peak_memory_bytes", "peak_memory_scope", "base_fingerprint", "run_dir"}

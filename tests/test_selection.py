@@ -5,10 +5,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rigsa.config import ConfigError, compose
+from rigsa.config import compose
 from rigsa.models import load_model
 from rigsa.sparse.selection import select, split_budget
 from rigsa.sparse.targets import find_targets, resolve_budget
+from rigsa.vocabulary import ConfigError
 
 from conftest import TINY
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rigsa.sparse import engine
+from rigsa.sparse import engine, products
 from rigsa.sparse.engine import SparseDeltaLinear
 
 
@@ -43,7 +43,7 @@ def require_kernel():
     """The compiled kernel must build wherever a C++ compiler exists; without one the test is skipped."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the engine uses its torch-ops route")
-    assert engine.kernel() is not None, "the sparse engine's C++ kernel did not build (see the warning)"
+    assert products.kernel() is not None, "the sparse engine's C++ kernel did not build (see the warning)"
 
 
 def relative_error(a, b):
@@ -71,10 +71,10 @@ def test_gradients_match_a_float64_dense_reference(in_f, out_f, density, bias, b
     if path == "kernel":
         require_kernel()
     else:
-        monkeypatch.setitem(engine._KERNEL, "module", None)  # the torch-ops route
-    monkeypatch.setattr(engine, "GATHER_MAX_VALUES", 10**9 if path == "gather" else 0)
+        monkeypatch.setitem(products._KERNEL, "module", None)  # the torch-ops route
+    monkeypatch.setattr(products, "GATHER_MAX_VALUES", 10**9 if path == "gather" else 0)
     monkeypatch.setitem(engine.DENSE_FROM_DENSITY, "cpu", 0.0 if path == "dense" else 2.0)
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 64)  # several token chunks even for these small shapes
+    monkeypatch.setattr(products, "CHUNK_ELEMENTS", 64)  # several token chunks even for these small shapes
     torch.manual_seed(in_f + out_f)
     base = nn.Linear(in_f, out_f, bias=bias)
     base_weight = base.weight.detach().clone()  # the layer merges its delta into this tensor in place
@@ -136,8 +136,8 @@ def test_bf16_autocast_gradients_stay_close_to_float32(path, monkeypatch):
     if path == "kernel":
         require_kernel()
     else:
-        monkeypatch.setitem(engine._KERNEL, "module", None)
-        monkeypatch.setattr(engine, "GATHER_MAX_VALUES", 0)
+        monkeypatch.setitem(products._KERNEL, "module", None)
+        monkeypatch.setattr(products, "GATHER_MAX_VALUES", 0)
     torch.manual_seed(1)
     base = nn.Linear(64, 32)
     layer = SparseDeltaLinear(base, torch.randperm(64 * 32)[:200], torch.randn(200) * 0.1)
@@ -178,18 +178,18 @@ def test_a_kernel_cache_built_for_another_cpus_vector_extensions_is_not_loaded(t
     from rigsa import assets
 
     require_kernel()
-    built = Path(engine.kernel().__file__).parent
+    built = Path(products.kernel().__file__).parent
     shutil.copytree(built, tmp_path / "cache" / "kernels" / built.name)
     monkeypatch.setattr(assets, "cache_root", lambda: tmp_path / "cache")
-    monkeypatch.setattr(engine, "_KERNEL", {})
+    monkeypatch.setattr(products, "_KERNEL", {})
     compiled = []
     monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: compiled.append(kwargs["extra_cflags"]))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    assert "-march=native" not in engine.kernel_flags() and engine.kernel_flags() == ["-O3", "-fopenmp-simd"]
-    engine.kernel()
+    assert "-march=native" not in products.kernel_flags() and products.kernel_flags() == ["-O3", "-fopenmp-simd"]
+    products.kernel()
     assert compiled == [["-O3", "-fopenmp-simd"]]  # not the copied AVX-512 build
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert engine.kernel_flags() == ["-O3", "-fopenmp-simd", "-mavx2", "-mfma"]
+    assert products.kernel_flags() == ["-O3", "-fopenmp-simd", "-mavx2", "-mfma"]
 
 
 def test_a_copied_kernel_cache_loads_without_compiling(tmp_path, monkeypatch):
@@ -199,13 +199,13 @@ def test_a_copied_kernel_cache_loads_without_compiling(tmp_path, monkeypatch):
     from rigsa import assets
 
     require_kernel()
-    built = Path(engine.kernel().__file__).parent
+    built = Path(products.kernel().__file__).parent
     copy = tmp_path / "cache" / "kernels" / built.name
     shutil.copytree(built, copy)  # copytree gives the files new modification times
     monkeypatch.setattr(assets, "cache_root", lambda: tmp_path / "cache")
-    monkeypatch.setattr(engine, "_KERNEL", {})
+    monkeypatch.setattr(products, "_KERNEL", {})
     monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("the kernel was compiled again"))
-    module = engine.kernel()
+    module = products.kernel()
     assert module is not None and Path(module.__spec__.origin).parent == copy
     g, x, indices = torch.randn(5, 4), torch.randn(5, 3), torch.tensor([0, 5, 11], dtype=torch.int32)
     assert torch.allclose(module.sampled_dot(g, x, indices, 1), (g.t() @ x).reshape(-1)[indices.long()], atol=1e-6)

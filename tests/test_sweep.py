@@ -168,7 +168,7 @@ def test_every_experiment_config_composes_with_its_command_in_the_header(experim
 
 
 def test_cpu_experiments_validate_offline_and_share_runs_with_their_siblings():
-    from rigsa.config import validate
+    from rigsa.validate import validate
 
     figure2 = {tuple(job): compose(["experiment=rigsa_fig2_cpu", *job]) for job in
                job_overrides([], dict(compose(["experiment=rigsa_fig2_cpu"], with_hydra=True).hydra.sweeper.params))}

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from rigsa import models
-from rigsa.config import ConfigError, compose
+from rigsa.config import compose
 from rigsa.evaluate import classification_metrics
 from rigsa.run import run
 from rigsa.tasks import text_classification as tc
+from rigsa.vocabulary import ConfigError
 
 from conftest import TINY
 
@@ -163,7 +164,7 @@ def test_bad_own_data_fails_before_the_model_loads_and_writes_nothing(overrides,
 
 
 def test_a_local_format_datasets_cannot_read_is_refused_for_data_files(tmp_path):
-    from rigsa.config import validate
+    from rigsa.validate import validate
 
     odd = tmp_path / "train.tsv"
     odd.write_text("a\tb\n")
@@ -173,7 +174,7 @@ def test_a_local_format_datasets_cannot_read_is_refused_for_data_files(tmp_path)
 
 def test_glue_without_the_hub_or_local_files_is_refused_naming_data_files(monkeypatch):
     from rigsa import assets
-    from rigsa.config import validate
+    from rigsa.validate import validate
 
     monkeypatch.setattr(assets, "hub_unreachable_reason", lambda timeout=5.0: "the hub is unreachable (test)")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
@@ -196,3 +197,28 @@ def test_bad_data_through_rigsa_run_exits_2_with_one_line_and_leaves_no_folder(t
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rigsa-run: error: ")]
     assert exit_.value.code == 2 and len(lines) == 1 and "task.labels=['neg', 'meh'] is invalid" in lines[0]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # Hydra's folder removed
+
+
+def test_max_test_size_takes_a_seeded_sample_of_the_test_set_in_its_order(tokenizer):
+    from rigsa.tasks import build_task
+
+    overrides = ["task=imdb", f"task.hub_id={HUB / 'imdb'}", "task.splits.dev_size=4"]
+    whole = build_task(compose(overrides).task, tokenizer, 1024)
+    capped = build_task(compose([*overrides, "task.max_test_size=5"]).task, tokenizer, 1024)
+    again = build_task(compose([*overrides, "task.max_test_size=5"]).task, tokenizer, 1024)
+    assert len(whole.test) == 16 and len(capped.test) == 5
+    whole_prompts = [tuple(prompt.tolist()) for prompt in whole.test.prompts]
+    picked = [whole_prompts.index(tuple(prompt.tolist())) for prompt in capped.test.prompts]
+    assert picked == sorted(picked) and len(set(picked)) == 5  # a sample, kept in the test set's order
+    assert capped.test_key == again.test_key != whole.test_key  # seeded; the base-score cache tells them apart
+    assert len(capped.train) == len(whole.train)  # the training rows are untouched
+    with pytest.raises(ConfigError, match=r"task.max_test_size=-1 is invalid.*Fix: pass task.max_test_size=1000"):
+        from rigsa.validate import validate
+
+        validate(compose([*TINY_TEXT, *overrides, "task.max_test_size=-1"]))
+
+
+def test_a_local_model_is_named_after_its_folder():
+    assert compose(["model=local", "model.path=/models/my-llm/"]).model.name == "my-llm"
+    assert compose(["model=local", "model.path=/models/my-llm"]).run.name.startswith("my-llm-rigsa-")
+    assert compose(["model=local"]).model.name == "local"  # no path yet: refused by validate, named as before

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rigsa.sparse import engine
+from rigsa.sparse import products
 from rigsa.sparse.engine import SparseDeltaLinear
 from test_sparse_engine import assert_matches_reference, reference, relative_error, require_kernel
 
@@ -26,7 +26,7 @@ def route(name, monkeypatch):
     if name == "kernel":
         require_kernel()
     else:
-        monkeypatch.setitem(engine._KERNEL, "module", None)
+        monkeypatch.setitem(products._KERNEL, "module", None)
 
 
 def build(in_f, out_f, density, bias, dtype, seed=0):

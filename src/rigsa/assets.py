@@ -123,8 +123,9 @@ def _wheel(asset: Asset, workdir: Path) -> Path:
     return wheel
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize the GGUF into a float32 safetensors model directory, tokenizer included."""
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF causal LM into a float32 safetensors model folder, tokenizer included (what
+    `rigsa-convert-gguf` writes and `model=local model.path=<out_dir>` loads)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,7 +166,7 @@ def fetch(name: str) -> Path:
         if name == "smollm2_135m":
             model_dir = target / "model"
             staging = work / "model"
-            _convert_gguf(final, staging)
+            convert_gguf(final, staging)
             if model_dir.exists():
                 shutil.rmtree(model_dir)
             os.replace(staging, model_dir)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from rigsa.adapter_layer import adapter_layers
 from rigsa.cache import UnreadableFile, replace_atomically
-from rigsa.sparse.engine import sparse_layers
 
 FORMAT = "rigsa-checkpoint-v2"
 FIX = "delete it to retrain that phase from its start, or pass run.overwrite=true to start the run again"
@@ -82,26 +82,34 @@ def save(path: Path, step: int, named: dict[str, nn.Parameter], optimizer, sched
 
     `progress`: global_step, tokens, seconds, the last loss and skipped_steps, restored with the tensors."""
     state = {"format": FORMAT, "step": step, "trainable": {name: p.detach().clone() for name, p in named.items()},
-             "sparse_indices": {name: layer.indices.clone() for name, layer in sparse_layers(model).items()},
+             "sparse_indices": moving_positions(model),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), **progress}
     replace_atomically(path, lambda temporary: torch.save(state, temporary))
+
+
+def moving_positions(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each adapter layer's positions that training can move (the engine's indices: SNIP re-selection), copied; kept
+    under the checkpoint key `sparse_indices`, which checkpoints written before adapter layers described themselves
+    use too."""
+    return {name: layer.positions().clone() for name, layer in adapter_layers(model).items()
+            if layer.positions() is not None}
 
 
 def load(path: Path, named: dict[str, nn.Parameter], optimizer, scheduler, model: nn.Module) -> dict:
     """Restore positions, tensors, optimizer, scheduler and RNG states from `path`; return the checkpoint's
     progress. A sparse layer whose positions were re-selected before the checkpoint moves to them first."""
     state = _read(path)
-    layers = sparse_layers(model)
+    positions = moving_positions(model)
     saved_indices = state["sparse_indices"]
-    differs = (set(named) ^ set(state["trainable"])) | (set(layers) ^ set(saved_indices))
-    differs |= {name for name, layer in layers.items() if name in saved_indices
-                and saved_indices[name].numel() != layer.indices.numel()}
+    differs = (set(named) ^ set(state["trainable"])) | (set(positions) ^ set(saved_indices))
+    differs |= {name for name, where in positions.items() if name in saved_indices
+                and saved_indices[name].numel() != where.numel()}
     if differs:
         raise UnreadableFile(path, f"it does not match this run's adapter (differs in {sorted(differs)[:5]})", FIX)
+    layers = adapter_layers(model)
     with torch.no_grad():
-        for name, layer in layers.items():
-            if not torch.equal(saved_indices[name].to(layer.indices.device), layer.indices):
-                layer.reindex(saved_indices[name])
+        for name in positions:
+            layers[name].move_to(saved_indices[name])
         for name, parameter in named.items():
             parameter.copy_(state["trainable"][name])
     optimizer.load_state_dict(state["optimizer"])

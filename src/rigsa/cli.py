@@ -1,4 +1,5 @@
-"""Console entry points: `rigsa-run` (Hydra) and `rigsa-assets`. No logic lives here."""
+"""Console entry points: `rigsa-run` (Hydra), `rigsa-assets`, `rigsa-convert-gguf`, `rigsa-report`, `rigsa-apply`.
+No logic lives here."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,10 @@ from omegaconf import DictConfig
 
 from rigsa.assets import ASSETS, AssetError, fetch_all
 from rigsa.cache import UnreadableFile
-from rigsa.config import ConfigError
+from rigsa.config import CONF_DIR, check_declared, compose, options, unknown_key_message  # registers the resolvers
 from rigsa.forgetting import HubUnreachable
 from rigsa.run_folder import RunFolderBusy
+from rigsa.vocabulary import ConfigError
 
 # Exit codes: 2 = refused (a bad value, a missing asset or hub, an unreadable file, a busy run folder;
 # nothing was written), 1 = the run failed (e.g. training diverged; the last good checkpoint stays).
@@ -57,7 +59,7 @@ def refusal(arguments: list[str]) -> str | None:
     from omegaconf import OmegaConf
 
     from rigsa import forgetting, run_folder
-    from rigsa.config import check_declared, compose, unknown_key_message, validate
+    from rigsa.validate import validate
 
     sweep = any(argument in ("-m", "--multirun") for argument in arguments)
     overrides = [argument for argument in arguments if argument not in ("-m", "--multirun")]
@@ -102,8 +104,6 @@ def help_text() -> str:
     """`rigsa-run --help`: the config groups and their options, read from the shipped conf/ folder."""
     from omegaconf import OmegaConf
 
-    from rigsa.config import CONF_DIR, options
-
     defaults = {}
     for entry in OmegaConf.load(f"{CONF_DIR}/config.yaml").defaults:
         if not isinstance(entry, str):
@@ -147,6 +147,36 @@ def assets_main(argv: list[str] | None = None) -> int:
         print(f"rigsa-assets: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def convert_gguf_main(argv: list[str] | None = None) -> int:
+    """`rigsa-convert-gguf model.gguf out_dir`: a GGUF causal LM as a float32 model folder for model=local."""
+    from rigsa.assets import convert_gguf
+
+    parser = argparse.ArgumentParser(prog="rigsa-convert-gguf", description="Dequantize a GGUF causal LM into a "
+                                     "float32 safetensors model folder (tokenizer included) for model=local.")
+    parser.add_argument("gguf", type=Path, help="the .gguf file")
+    parser.add_argument("out", type=Path, help="the model folder to write (must not exist, or be empty)")
+    args = parser.parse_args(argv)
+    if not args.gguf.is_file():
+        print(f"rigsa-convert-gguf: error: {args.gguf} is not a file: pass the path of a .gguf file", file=sys.stderr)
+        return 2
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        print(f"rigsa-convert-gguf: error: {args.out} exists and is not an empty folder: pass a new folder",
+              file=sys.stderr)
+        return 2
+    try:
+        convert_gguf(args.gguf, args.out)
+    except Exception as error:  # transformers' GGUF reader: an unsupported architecture or a damaged file
+        print(f"rigsa-convert-gguf: error: {args.gguf} could not be converted ({type(error).__name__}: "
+              f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''})", file=sys.stderr)
+        return 2
+    print(f"model folder: {args.out} (use it with model=local model.path={args.out})")
+    return 0
+
+
+def convert_gguf_entry() -> None:
+    sys.exit(convert_gguf_main())
 
 
 def assets_entry() -> None:

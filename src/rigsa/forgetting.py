@@ -187,7 +187,7 @@ def task_limit(suite: DictConfig, task) -> float | None:
 
 
 def check_suite(suite: DictConfig, fail) -> None:
-    """The suite's values, checked before any model loads (called by rigsa.config.validate)."""
+    """The suite's values, checked before any model loads (called by rigsa.validate.validate)."""
     if suite.limit is not None and suite.limit <= 0:
         fail("eval.limit", suite.limit, "null (each task's own limit) or > 0", "pass eval.limit=100")
     for folder in suite.include_path:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rigsa.adapter_layer import adapter_layers
+
 
 def tensor_bytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
@@ -27,20 +29,11 @@ def quantization_state_bytes(parameter: torch.Tensor) -> int:
     return sum(tensor_bytes(value) for value in state.as_dict(packed=True).values() if isinstance(value, torch.Tensor))
 
 
-def adapter_modules(model: nn.Module) -> list[nn.Module]:
-    from rigsa.methods.rigsa import DenseGatedLinear
-    from rigsa.sparse.engine import SparseDeltaLinear
-
-    return [module for module in model.modules() if isinstance(module, (SparseDeltaLinear, DenseGatedLinear))]
-
-
 def model_bytes(model: nn.Module, extra_trainable: list[nn.Parameter]) -> dict[str, int]:
     """{base_weight_bytes, adapter_bytes} of the adapted model (tensors shared by several names counted once)."""
     adapter_tensors: dict[int, torch.Tensor] = {id(p): p for p in extra_trainable}
-    for module in adapter_modules(model):
-        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        adapter_tensors.update({id(tensor): tensor for tensor in own if tensor is not getattr(module, "weight", None)
-                                and tensor is not getattr(module, "bias", None)})  # the base layer's own tensors
+    for layer in adapter_layers(model).values():
+        adapter_tensors.update({id(tensor): tensor for tensor in layer.own_tensors().values()})
     base_tensors: dict[int, torch.Tensor] = {}
     for parameter in model.parameters():
         if parameter.requires_grad:

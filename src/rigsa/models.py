@@ -46,7 +46,7 @@ def check_source(model_cfg: DictConfig) -> None:
     import os
     from pathlib import Path
 
-    from rigsa.config import fail
+    from rigsa.vocabulary import fail
 
     if model_cfg.source == "local" or model_cfg.get("path"):
         folder = Path(os.path.expanduser(model_cfg.path or ""))

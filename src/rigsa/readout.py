@@ -5,27 +5,24 @@
 - `classifier_head` (SpaRTA §6.3): a linear head on the last prompt token's final hidden state, trained densely
   beside every method. It lives beside the base model, not in it, so the forgetting suite still reads the
   untouched LM head; it is saved in the adapter folder (`classifier_head.safetensors`) and reloaded by
-  `rigsa.apply.apply_adapter`. For an instruct model it starts as the LM head's rows of the label words, so
+  `rigsa.adapters.load.apply_adapter`. For an instruct model it starts as the LM head's rows of the label words, so
   before training it scores exactly as `answer_token` does; for a base model it starts random, std
   0.06 / sqrt(hidden size), as the paper states.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from rigsa.adapters.write import write_head
 from rigsa.evaluate import answer_logits, forward_last
 
 READOUTS = ("answer_token", "classifier_head")
 HEAD_INITS = ("auto", "label_words", "random")
-HEAD_FILE, HEAD_META = "classifier_head.safetensors", "classifier_head.json"
-HEAD_NAME = "classifier_head.weight"  # its name in checkpoints and in the adapter file
 RANDOM_HEAD_STD = 0.06  # SpaRTA §6.3: N(0, 0.06 / sqrt(d)) for a base model's new head
 
 
@@ -89,11 +86,7 @@ class ClassifierHead:
         return [self.head.weight]
 
     def save(self, directory: Path) -> list[Path]:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({HEAD_NAME: self.head.weight.detach().cpu().contiguous()}, directory / HEAD_FILE)
-        (directory / HEAD_META).write_text(json.dumps({"label_words": self.label_words,
-                                                       "hidden_size": self.head.in_features}, indent=2))
-        return [directory / HEAD_FILE, directory / HEAD_META]
+        return write_head(self.head.weight, self.label_words, directory)
 
 
 def head_starts_from_label_words(head_init: str, tokenizer) -> bool:
@@ -117,17 +110,3 @@ def build_readout(task_cfg, data, model: nn.Module, tokenizer, seed: int, device
             head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * std)
     head.weight.requires_grad_(True)
     return ClassifierHead(head, data.label_words)
-
-
-def load_classifier_head(directory: Path) -> nn.Linear | None:
-    """The classification head saved in an adapter folder, or None when it holds none."""
-    from rigsa.apply import read_json, read_tensors
-
-    if not (directory / HEAD_FILE).exists():
-        return None
-    meta = read_json(directory / HEAD_META)
-    weight = read_tensors(directory / HEAD_FILE)[HEAD_NAME]
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    head.weight = nn.Parameter(weight, requires_grad=False)
-    head.label_words = meta.get("label_words")
-    return head

@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 
 from rigsa import checkpoints, forgetting, models, run_folder
 from rigsa.cache import cached
-from rigsa.config import validate
 from rigsa.evaluate import accuracy_problem, target_accuracy
 from rigsa.memory import model_bytes, peak_memory_bytes, reset_peak_memory
 from rigsa.methods import Calibration, Method
@@ -24,6 +23,7 @@ from rigsa.sparse.targets import check_targets
 from rigsa.tasks import build_task
 from rigsa.tracking import Tracker
 from rigsa.train import micro_batch_indices, train
+from rigsa.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Training:
     steps: int
     seconds: float
     tokens: int
-    final_loss: float
+    final_loss: float | None  # None when no step was trained (method=none)
     resumed_from_step: dict[str, int]  # each phase's step its checkpoint resumed it from (0 = trained from scratch)
     skipped_steps: int  # updates dropped for a non-finite loss or gradient (train.on_nonfinite=skip_step)
     iterations: list[dict]  # one row per phase when the schedule has several: the RIGSA paper's Figure 2
@@ -216,86 +216,144 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         return experiment(cfg, method, tokenizer, data, run_dir)
 
 
-def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) -> dict:
-    """Load, measure the base model, attach, train, measure the adapted model, save: in the claimed folder."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    peak_memory_scope = reset_peak_memory(device)  # this job's peak, not the sweep process's running maximum
-    tracker = Tracker(cfg, run_dir, checkpoints.resume_step(run_dir))
+@dataclass
+class Base:
+    """The loaded base model, ready to measure and adapt."""
+    model: torch.nn.Module
+    tokenizer: object
+    readout: Readout
+    fingerprint: str
+    total_params: int
+    on_device: object  # runs a measurement with the model on the run's device (rigsa.run.staged_on / measure_here)
 
+
+@dataclass
+class BaseScores:
+    """The base model's scores, cached on disk: the target task's (eval.target) and the forgetting suite's."""
+    target: dict | None
+    suite: dict | None
+
+
+def load_base(cfg: DictConfig, method: Method, tokenizer, data, device: torch.device) -> Base:
+    """Load the base model and build the task's readout for it. A base quantized before attach (QLoRA) is kept on
+    the CPU, quantized there and only then moved: the device never holds the full-precision model for training.
+    It goes there only to measure the base when its scores are not cached."""
     model, tokenizer = models.load_model(cfg.model, cfg.seed, tokenizer)
     check_targets(cfg.method, model)  # needs the model; before any evaluation or training
-    # A base quantized before attach (QLoRA) is quantized on the CPU and only then moved: the device never holds the
-    # full-precision model for training. It goes there only to measure the base when its scores are not cached.
-    quantize_first = bool(cfg.model.quantize) and method.quantize_first
-    if quantize_first:
+    if cfg.model.quantize and method.quantize_first:
         on_device = staged_on(model, device)
     else:
         model.to(device)
         on_device = measure_here
     total_params = sum(p.numel() for p in model.parameters())
-    base_fingerprint = models.fingerprint(model)
     readout = build_readout(cfg.task, data, model, tokenizer, cfg.seed, device)
-    base = base_suite = None
-    if cfg.eval.target:
-        key = {"model": base_fingerprint, "task": data.test_key, "dtype": cfg.dtype, "readout": readout.kind,
-               "head": models.hash_tensors((str(n), p) for n, p in enumerate(readout.trainable_parameters()))}
-        base, _ = timed(lambda r: f"base model: test {data.metric} {r['metrics'][data.metric]:.4f} on {r['n']} "
-                                  f"examples ({readout.kind} readout)",
-                        lambda: cached("base_target", key,
-                                       lambda: on_device(lambda: accuracy_on_test(model, data, readout, cfg, device)),
-                                       check=lambda r: accuracy_problem(r, len(data.test), readout.num_classes)))
-    if cfg.eval.forgetting:
-        base_suite, _ = timed(lambda r: f"base model, eval={cfg.eval.name}: {summarize(r)}",
-                              lambda: forgetting.base_scores(model, tokenizer, cfg.eval, device, cfg.dtype, cfg.seed,
-                                                             base_fingerprint, on_device))
+    return Base(model, tokenizer, readout, models.fingerprint(model), total_params, on_device)
 
+
+def measure_base(cfg: DictConfig, base: Base, data, device: torch.device) -> BaseScores:
+    """The base model's target score and forgetting suite, each computed once per key and cached."""
+    target = suite = None
+    readout = base.readout
+    if cfg.eval.target:
+        key = {"model": base.fingerprint, "task": data.test_key, "dtype": cfg.dtype, "readout": readout.kind,
+               "head": models.hash_tensors((str(n), p) for n, p in enumerate(readout.trainable_parameters()))}
+        target, _ = timed(lambda r: f"base model: test {data.metric} {r['metrics'][data.metric]:.4f} on {r['n']} "
+                                    f"examples ({readout.kind} readout)",
+                          lambda: cached("base_target", key,
+                                         lambda: base.on_device(lambda: accuracy_on_test(base.model, data, readout, cfg,
+                                                                                         device)),
+                                         check=lambda r: accuracy_problem(r, len(data.test), readout.num_classes)))
+    if cfg.eval.forgetting:
+        suite, _ = timed(lambda r: f"base model, eval={cfg.eval.name}: {summarize(r)}",
+                         lambda: forgetting.base_scores(base.model, base.tokenizer, cfg.eval, device, cfg.dtype,
+                                                        cfg.seed, base.fingerprint, base.on_device))
+    return BaseScores(target, suite)
+
+
+@dataclass
+class Adapted:
+    """What attaching and training produced."""
+    model: torch.nn.Module
+    initial_trainable: int
+    head_params: int
+    training: Training
+    quantized_base: dict | None  # the 4-bit base's own forgetting before the first step (model.quantize)
+
+
+def attach_and_train(cfg: DictConfig, method: Method, base: Base, scores: BaseScores, data, device: torch.device,
+                     run_dir: Path, tracker: Tracker) -> Adapted:
+    """Attach the method to the base model and train each phase of the pruning schedule. A run with nothing to
+    train (method=none: no adapter and no classification head) trains no step: the adapted model is the base (or its
+    4-bit copy, with model.quantize)."""
+    readout = base.readout
     torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
-    model = attached(model, method, cfg, Calibration(calibration_batches(data, cfg, device), readout.loss, readout.kind),
-                     device)
+    model = attached(base.model, method, cfg, Calibration(calibration_batches(data, cfg, device), readout.loss,
+                                                          readout.kind), device)
     initial_trainable = count_trainable(method, readout)
     head_params = sum(parameter.numel() for parameter in readout.trainable_parameters())
-    print(f"{method.name}: {initial_trainable:,} trainable of {total_params:,} parameters"
+    print(f"{method.name}: {initial_trainable:,} trainable of {base.total_params:,} parameters"
           + (f" (with the {head_params:,}-value classification head)" if head_params else ""))
 
     quantized_base = None
-    if base_suite and cfg.model.quantize:
+    if scores.suite and cfg.model.quantize:
         # Before any step the adapter adds nothing (LoRA's B = 0, sparse values 0, RIGSA's gate 1e-6): this is the
         # 4-bit base's own share of the forgetting measured at the end (the base scores are the unquantized model's).
         quantized_base = measured_once(run_dir / QUANTIZED_BASE_FILE, lambda: adapted_forgetting(
-            model, tokenizer, cfg, device, base_suite, "4-bit base before training"))
-    forgetting_now = None
-    if base_suite and cfg.eval.iteration_forgetting:
-        forgetting_now = lambda: adapted_forgetting(model, tokenizer, cfg, device, base_suite)  # noqa: E731
-    training = train_phases(model, method, readout, data, cfg, device, run_dir, tracker, forgetting_now)
-    forgetting_results = adapted_forgetting(model, tokenizer, cfg, device, base_suite) if base_suite else None
-    if quantized_base is not None:
-        forgetting_results["quantized_base"] = {key: quantized_base[key] for key in
-                                                ("tasks", "mean_forgetting", "mean_forget_ratio", "seconds")}
-    if forgetting_now is not None and training.iterations:
-        last = training.iterations[-1]
-        last["mean_forgetting"] = forgetting_results["mean_forgetting"]
-        last["mean_forget_ratio"] = forgetting_results["mean_forget_ratio"]
-    if training.iterations:
-        print(iteration_table(training.iterations, base))
+            model, base.tokenizer, cfg, device, scores.suite, "4-bit base before training"))
+    if initial_trainable == 0:  # the base as loaded, measured already; a 4-bit copy of it is measured here
+        final = (accuracy_on_test(model, data, readout, cfg, device) if cfg.eval.target and cfg.model.quantize
+                 else scores.target)
+        training = Training(0, 0.0, 0, None, {}, 0, [], final, {})
+    else:
+        forgetting_now = None
+        if scores.suite and cfg.eval.iteration_forgetting:
+            forgetting_now = lambda: adapted_forgetting(model, base.tokenizer, cfg, device, scores.suite)  # noqa: E731
+        training = train_phases(model, method, readout, data, cfg, device, run_dir, tracker, forgetting_now)
+    return Adapted(model, initial_trainable, head_params, training, quantized_base)
 
+
+def measure_adapted(cfg: DictConfig, base: Base, scores: BaseScores, adapted: Adapted, device: torch.device) -> dict | None:
+    """The forgetting suite on the adapted model against the base's (None without a suite); the last phase's row
+    takes the run's own forgetting."""
+    if not scores.suite:
+        return None
+    training = adapted.training
+    if adapted.initial_trainable == 0 and not cfg.model.quantize:  # nothing trained: the base, measured already
+        results = {**forgetting.forgetting_block(scores.suite, scores.suite), "seconds": 0.0}
+    else:
+        results = adapted_forgetting(adapted.model, base.tokenizer, cfg, device, scores.suite)
+    if adapted.quantized_base is not None:
+        results["quantized_base"] = {key: adapted.quantized_base[key] for key in
+                                     ("tasks", "mean_forgetting", "mean_forget_ratio", "seconds")}
+    if cfg.eval.iteration_forgetting and training.iterations:
+        last = training.iterations[-1]
+        last["mean_forgetting"] = results["mean_forgetting"]
+        last["mean_forget_ratio"] = results["mean_forget_ratio"]
+    return results
+
+
+def record(cfg: DictConfig, method: Method, base: Base, scores: BaseScores, adapted: Adapted,
+           forgetting_results: dict | None, data, device: torch.device, run_dir: Path, tracker: Tracker,
+           peak_memory_scope: str) -> dict:
+    """Save the adapter and write results.json (the same keys for every method), log them and print the summary."""
+    training, readout, target = adapted.training, base.readout, scores.target
+    if training.iterations:
+        print(iteration_table(training.iterations, target))
     adapter_dir = run_dir / "adapter"
     method.save(adapter_dir)
     readout.save(adapter_dir)
-    adapted = training.adapted
+    final = training.adapted
     results = {
         "method": method.name, "model": cfg.model.name, "task": cfg.task.name, "seed": cfg.seed,
-        "trainable_params": count_trainable(method, readout), "initial_trainable_params": initial_trainable,
-        "total_params": total_params,
-        "target": {"base_accuracy": base and base["accuracy"], "accuracy": adapted and adapted["accuracy"],
-                   "metric": data.metric, "base_metrics": base and base["metrics"],
-                   "metrics": adapted and adapted["metrics"], "readout": readout.kind,
-                   "head_params": head_params, "label_words": data.label_words,
+        "trainable_params": count_trainable(method, readout), "initial_trainable_params": adapted.initial_trainable,
+        "total_params": base.total_params,
+        "target": {"base_accuracy": target and target["accuracy"], "accuracy": final and final["accuracy"],
+                   "metric": data.metric, "base_metrics": target and target["metrics"],
+                   "metrics": final and final["metrics"], "readout": readout.kind,
+                   "head_params": adapted.head_params, "label_words": data.label_words,
                    "test_size": len(data.test), "train_size": len(data.train), "dropped_train": data.dropped_train,
-                   "base_answer_counts": base and base["answer_counts"],
-                   "answer_counts": adapted and adapted["answer_counts"]},
+                   "base_answer_counts": target and target["answer_counts"],
+                   "answer_counts": final and final["answer_counts"]},
         "train": {"steps": training.steps, "seconds": training.seconds, "tokens": training.tokens,
                   "tokens_per_second": training.tokens / training.seconds if training.seconds else 0.0,
                   "final_loss": training.final_loss, "resumed_from_step": training.resumed_from_step,
@@ -303,14 +361,30 @@ def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) 
         "pruning": cfg.pruning.name, "sparse": method.stats() or None, "iterations": training.iterations,
         "forgetting": forgetting_results,
         "peak_memory_bytes": peak_memory_bytes(device), "peak_memory_scope": peak_memory_scope,
-        "memory": {**model_bytes(model, readout.trainable_parameters()), **training.memory},
-        "base_fingerprint": base_fingerprint,
+        "memory": {**model_bytes(adapted.model, readout.trainable_parameters()), **training.memory},
+        "base_fingerprint": base.fingerprint,
         "run_dir": str(run_dir),
     }
     tracker.finish(results, adapter_dir, cfg.logger.log_adapter)
-    if adapted is not None:
-        print(f"{method.name} on {cfg.task.name}: test {data.metric} {base['metrics'][data.metric]:.4f} (base) -> "
-              f"{adapted['metrics'][data.metric]:.4f} (adapted) on {len(data.test)} examples; trained {training.steps} "
+    if final is not None:
+        print(f"{method.name} on {cfg.task.name}: test {data.metric} {target['metrics'][data.metric]:.4f} (base) -> "
+              f"{final['metrics'][data.metric]:.4f} (adapted) on {len(data.test)} examples; trained {training.steps} "
               f"steps in {training.seconds / 60:.1f} min ({results['train']['tokens_per_second']:.0f} tokens/s)")
     print(f"results: {run_dir / 'results.json'}")
     return results
+
+
+def experiment(cfg: DictConfig, method: Method, tokenizer, data, run_dir: Path) -> dict:
+    """In the claimed folder: measure the base, attach and train, measure the adapted model, record."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    peak_memory_scope = reset_peak_memory(device)  # this job's peak, not the sweep process's running maximum
+    tracker = Tracker(cfg, run_dir, checkpoints.resume_step(run_dir))
+    base = load_base(cfg, method, tokenizer, data, device)
+    scores = measure_base(cfg, base, data, device)
+    adapted = attach_and_train(cfg, method, base, scores, data, device, run_dir, tracker)
+    forgetting_results = measure_adapted(cfg, base, scores, adapted, device)
+    return record(cfg, method, base, scores, adapted, forgetting_results, data, device, run_dir, tracker,
+                  peak_memory_scope)

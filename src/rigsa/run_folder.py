@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rigsa.cache import UnreadableFile
-from rigsa.config import ConfigError
+from rigsa.vocabulary import ConfigError
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption without changing what is computed.
@@ -38,7 +38,10 @@ class RunFolderBusy(RuntimeError):
 
 # Keys added to the config after runs were written without them, with the value every earlier run had in effect:
 # a folder written before the key existed matches a config that holds that value (it resumes, or counts as done).
-ADDED_KEYS = {"model.base_dtype": "float32", "model.quantize": None}
+# Each: (the value in effect before the key existed, a key beside it that a node must hold to get it, or None).
+# task.max_test_size belongs to the text-classification family, whose nodes hold max_train_size.
+ADDED_KEYS = {"model.base_dtype": ("float32", None), "model.quantize": (None, None),
+              "task.max_test_size": (0, "max_train_size")}
 # LoRA's 4-bit settings before method=qlora became LoRA with model.quantize (their value then moved there).
 MOVED_LORA_KEYS = ("load_in_4bit", "quant_type", "compute_dtype")
 
@@ -52,7 +55,7 @@ def upgraded(tree: dict) -> dict:
         load_in_4bit, quant_type, _ = (method.pop(key, None) for key in MOVED_LORA_KEYS)
         if load_in_4bit:  # model.quantize, when the folder has it, is null then: LoRA with it was refused
             model["quantize"] = quant_type
-    for key, value in ADDED_KEYS.items():
+    for key, (value, beside) in ADDED_KEYS.items():
         *parents, leaf = key.split(".")
         node = tree
         for parent in parents:
@@ -60,7 +63,8 @@ def upgraded(tree: dict) -> dict:
             if not isinstance(node, dict):
                 break
         else:
-            node.setdefault(leaf, value)
+            if beside is None or beside in node:
+                node.setdefault(leaf, value)
     return tree
 
 

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rigsa import checkpoints
+from rigsa.adapters import HEAD_NAME
 from rigsa.evaluate import autocast, target_accuracy
 from rigsa.memory import training_bytes
-from rigsa.readout import HEAD_NAME
 
 log = logging.getLogger(__name__)
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}

@@ -10,14 +10,12 @@ defaults (the values live in conf/method/), and raises ConfigError for a bad one
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 from torch import nn
 
 
@@ -98,48 +96,3 @@ def one_param_group(method: Method, weight_decay: float) -> list[dict]:
 
 def no_sparse_stats(method: Method) -> dict:
     return {}
-
-
-# ---------------------------------------------------------------- shared helpers
-def freeze(model: nn.Module) -> None:
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
-
-
-def untie_head(model: nn.Module) -> nn.Parameter:
-    """Give the output head its own trainable copy (SmolLM2 ties it to the frozen input embeddings)."""
-    head = model.get_output_embeddings()
-    # float32 even over a bfloat16 base: a trained weight needs updates below one bf16 ulp (autocast casts it)
-    head.weight = nn.Parameter(head.weight.detach().to(torch.float32, copy=True), requires_grad=True)
-    model.config.tie_word_embeddings = False  # a later tie_weights() must not re-tie the copy
-    return head.weight
-
-
-def load_head(model: nn.Module, weight: torch.Tensor) -> None:
-    """Give the model a saved output head (frozen), untied from the input embeddings."""
-    head = model.get_output_embeddings()
-    head.weight = nn.Parameter(weight.to(head.weight.dtype), requires_grad=False)
-    model.config.tie_word_embeddings = False
-
-
-def trainable_named(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
-
-
-DENSE_FORMAT = "rigsa-dense-v1"
-
-
-def save_state(state: dict[str, torch.Tensor], directory: Path, metadata: dict) -> list[Path]:
-    """Save a dense adapter state as `adapter.safetensors` + `adapter.json`: tensors named like the model's
-    parameters replace them (full, head), `<layer>.dense_delta` tensors are added to a layer's weight
-    (RIGSA before its first prune, or with pruned_value=init). `rigsa.apply.apply_adapter` loads it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
-    save_file(tensors, directory / "adapter.safetensors", metadata={"format": DENSE_FORMAT})
-    (directory / "adapter.json").write_text(json.dumps({**metadata, "format": DENSE_FORMAT}, indent=2, default=str))
-    return [directory / "adapter.safetensors", directory / "adapter.json"]

@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.methods import (Calibration, no_pruning, no_sparse_stats, nothing_after_step, one_param_group, save_state,
-                           trainable_named)
+from rigsa.adapters.write import write_dense
+from rigsa.methods import Calibration, no_pruning, no_sparse_stats, nothing_after_step, one_param_group
+from rigsa.model_edits import trainable_named
 
 
 class FullFineTuning:
@@ -40,4 +41,4 @@ class FullFineTuning:
         return dict(trainable_named(self.model))
 
     def save(self, directory: Path) -> list[Path]:
-        return save_state(self.adapter_state(), directory, {"method": self.name})
+        return write_dense(self.adapter_state(), directory, {"method": self.name})

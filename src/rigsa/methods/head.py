@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.config import BASE_DTYPES
-from rigsa.methods import (Calibration, freeze, no_pruning, no_sparse_stats, nothing_after_step, one_param_group,
-                           save_state, untie_head)
+from rigsa.adapters.write import write_dense
+from rigsa.methods import Calibration, no_pruning, no_sparse_stats, nothing_after_step, one_param_group
+from rigsa.model_edits import freeze, untie_head
+from rigsa.vocabulary import BASE_DTYPES
 
 
 class HeadOnly:
@@ -44,4 +45,4 @@ class HeadOnly:
         return {} if self.head is None else {"lm_head.weight": self.head.weight}
 
     def save(self, directory: Path) -> list[Path]:
-        return save_state(self.adapter_state(), directory, {"method": self.name})
+        return write_dense(self.adapter_state(), directory, {"method": self.name})

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.config import BASE_DTYPES, QUANTIZED_BASE, fail
-from rigsa.methods import (Calibration, freeze, no_pruning, no_sparse_stats, nothing_after_step, one_param_group,
-                           trainable_named)
-
-# Beside PEFT's own files: what `rigsa.apply.apply_adapter` needs to rebuild the base it was trained on.
-BASE_FILE = "rigsa_adapter.json"
+from rigsa.adapters import PEFT_BASE_FILE, PEFT_CONFIG_FILE
+from rigsa.methods import Calibration, no_pruning, no_sparse_stats, nothing_after_step, one_param_group
+from rigsa.model_edits import freeze, trainable_named
+from rigsa.models import fingerprint
+from rigsa.quantize import quantization
+from rigsa.vocabulary import BASE_DTYPES, QUANTIZED_BASE, fail
 
 
 class PeftLora:
@@ -47,8 +47,6 @@ class PeftLora:
     def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         from peft import get_peft_model
 
-        from rigsa.models import fingerprint
-
         freeze(model)
         # of the base as trained on (a 4-bit one: its packed weights and quantization state, which rigsa.apply
         # rebuilds from the weights as loaded before it compares): apply_adapter refuses another base
@@ -68,14 +66,12 @@ class PeftLora:
     def save(self, directory: Path) -> list[Path]:
         """PEFT's own format: adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained loads it)."""
         self.model.save_pretrained(str(directory))
-        config_path = directory / "adapter_config.json"  # PEFT lists target_modules from a set: in hash order
+        config_path = directory / PEFT_CONFIG_FILE  # PEFT lists target_modules from a set: in hash order
         config = json.loads(config_path.read_text())
         if isinstance(config.get("target_modules"), list):
             config["target_modules"] = sorted(config["target_modules"])
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-        from rigsa.quantize import quantization
-
         base = {"method": self.name, "quantize": quantization(self.model), "base_model": self.base_model,
                 "base_fingerprint": self.base_fingerprint}
-        (directory / BASE_FILE).write_text(json.dumps(base, indent=2))
+        (directory / PEFT_BASE_FILE).write_text(json.dumps(base, indent=2))
         return sorted(path for path in directory.iterdir() if path.is_file())

@@ -22,12 +22,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rigsa.config import BASE_DTYPES, QUANTIZED_BASE, fail
-from rigsa.methods import (Calibration, PruneStep, freeze, nothing_after_step, replace_module, save_state,
-                           trainable_named)
-from rigsa.sparse import adapter as sparse_adapter
+from rigsa.adapters.write import sparse_state, write_dense, write_sparse
+from rigsa.methods import Calibration, PruneStep, nothing_after_step
+from rigsa.model_edits import freeze, replace_module, trainable_named
+from rigsa.quantize import dequantized_weight, linear4bit, quantization
 from rigsa.sparse.engine import SparseDeltaLinear, frozen_base
 from rigsa.sparse.targets import find_targets
+from rigsa.sparse.unmerged import base_output
+from rigsa.vocabulary import BASE_DTYPES, QUANTIZED_BASE, fail
 
 
 class DenseGatedLinear(nn.Module):
@@ -51,18 +53,30 @@ class DenseGatedLinear(nn.Module):
     @torch.no_grad()
     def quantize_base(self, quant_type: str, compute_dtype: torch.dtype) -> None:
         if self.base_layer is None:
-            from rigsa.quantize import linear4bit
-
             self.base_layer = linear4bit(self.weight, self.bias, quant_type, compute_dtype)
             self.weight = self.bias = None
+
+    # ---- the AdapterLayer protocol (rigsa.adapter_layer)
+    def own_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"delta": self.delta, "gate": self.gate, "live": self.live, "frozen": self.frozen}
+        return {name: tensor for name, tensor in tensors.items() if tensor is not None}
+
+    def positions(self) -> None:
+        return None  # every entry of the layer: nothing moves
+
+    def move_to(self, positions: torch.Tensor) -> None:
+        raise ValueError("a dense RIGSA layer has no positions to move to")
+
+    @torch.no_grad()
+    def float_weight(self) -> torch.Tensor:
+        base = dequantized_weight(self.base_layer) if self.base_layer is not None else self.weight
+        return base.float() + self.effective_delta().detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.base_layer is None and self.weight.dtype == torch.float32:
             return F.linear(x, self.weight + self.effective_delta(), self.bias)
         # A bf16 or 4-bit base: W0 + gate * dW cast to bf16 would round a small delta away (W0 has no float32
         # residual to dither it, see rigsa.sparse.unmerged), so the two products are summed in float32.
-        from rigsa.sparse.unmerged import base_output
-
         delta = self.effective_delta()
         autocast = torch.is_autocast_enabled(x.device.type)
         return base_output(self, x).float() + F.linear(x if autocast else x.to(delta.dtype), delta).float()
@@ -186,7 +200,7 @@ class Rigsa:
                 "dense_layers": sum(isinstance(layer, DenseGatedLinear) for layer in self.layers().values())}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        state = sparse_adapter.sparse_state(self.model)
+        state = sparse_state(self.model)
         for name, layer in self.layers().items():
             if isinstance(layer, DenseGatedLinear):
                 state[f"{name}.dense_delta"] = layer.effective_delta().detach()
@@ -194,8 +208,6 @@ class Rigsa:
 
     def save(self, directory: Path) -> list[Path]:
         if any(isinstance(layer, DenseGatedLinear) for layer in self.layers().values()):
-            from rigsa.quantize import quantization
-
-            return save_state(self.adapter_state(), directory, {"method": self.name, **self.stats(),
+            return write_dense(self.adapter_state(), directory, {"method": self.name, **self.stats(),
                                                                  "quantize": quantization(self.model)})
-        return sparse_adapter.save(self.model, self.adapter_state(), directory, {"method": self.name, **self.stats()})
+        return write_sparse(self.model, self.adapter_state(), directory, {"method": self.name, **self.stats()})

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rigsa.config import BASE_DTYPES, QUANTIZED_BASE, fail
-from rigsa.methods import (Calibration, freeze, no_pruning, one_param_group, replace_module, trainable_named,
-                           untie_head)
-from rigsa.sparse import adapter as sparse_adapter
+from rigsa.adapters.write import sparse_state, write_sparse
+from rigsa.methods import Calibration, no_pruning, one_param_group
+from rigsa.model_edits import freeze, replace_module, trainable_named, untie_head
 from rigsa.sparse.engine import SparseDeltaLinear, sparse_layers
 from rigsa.sparse.selection import NEEDS_GRADIENT, RULES, select
 from rigsa.sparse.targets import check_budget, find_targets, lora_layer_counts, resolve_budget
+from rigsa.vocabulary import BASE_DTYPES, QUANTIZED_BASE, fail
 
 
 def calibration_gradients(model: nn.Module, targets: dict[str, nn.Linear], calib, loss_fn) -> dict[str, torch.Tensor]:
@@ -132,10 +132,10 @@ class SparseMask:
         return {"values": values, "density": values / self.target_numel, "layers": len(sparse_layers(self.model))}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        state = sparse_adapter.sparse_state(self.model)
+        state = sparse_state(self.model)
         if self.head is not None:
             state["lm_head.weight"] = self.head
         return state
 
     def save(self, directory: Path) -> list[Path]:
-        return sparse_adapter.save(self.model, self.adapter_state(), directory, {"method": self.name, **self.stats()})
+        return write_sparse(self.model, self.adapter_state(), directory, {"method": self.name, **self.stats()})

@@ -1,1 +1,1 @@
-"""The sparse-delta engine, selection rules, targets and budgets, and sparse adapters on disk."""
+"""The sparse-delta engine and its products, selection rules, targets and budgets, pruning schedules."""

@@ -27,22 +27,17 @@ a layer stays unmerged, y = base(x) + gate * S x (unmerged.py), chosen at constr
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Extra memory allowed for one chunk of the value gradient, in elements (~64 MB of float32).
-CHUNK_ELEMENTS = 1 << 24
-# Up to this many values, gathering columns beats a sampled matmul (measured here: 2 ms for 442
-# values, 43 ms for 4,423, where sampled_addmm takes 3 ms).
-GATHER_MAX_VALUES = 1024
+from rigsa.quantize import dequantized_weight, is_quantized, linear4bit
+from rigsa.sparse import products
+from rigsa.sparse.products import csr_rows, index_dtype, kernel, values_and_gate_gradients
+from rigsa.sparse.unmerged import CsrLayout, unmerged_forward
+
 # From this density on, a transient dense product then a gather beats the sampled matmul, per device type.
 # cpu: measured (module docstring). cuda: reasoned, not measured (no GPU was lent to this project): the dense
 # product grad_out^T x is one bf16 GEMM on the tensor cores, while the sampled route (sampled_addmm over a CSR
@@ -50,113 +45,6 @@ GATHER_MAX_VALUES = 1024
 # 100x more multiply-adds at 1% density cost about what the sampled route's do; 2% leaves a margin for its
 # transient [out, in] tensor (32 MB in bf16 for a 2048 x 8192 layer), freed at once. Replace by a measurement.
 DENSE_FROM_DENSITY = {"cpu": 0.125, "cuda": 0.02}
-
-
-def csr_rows(sorted_rows: torch.Tensor, count: int) -> torch.Tensor:
-    """CSR row pointers (int64 [count + 1]) for values whose rows, in order, are `sorted_rows`."""
-    crow = torch.zeros(count + 1, dtype=torch.int64, device=sorted_rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(sorted_rows, minlength=count), 0)
-    return crow
-
-
-def index_dtype(numel: int) -> torch.dtype:
-    return torch.int32 if numel < 2**31 else torch.int64
-
-
-def value_gradient(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                   pattern: torch.Tensor | None) -> torch.Tensor:
-    """sum_t grad_out[t, rows[k]] * x[t, cols[k]] for every k, in float32, with torch ops over token chunks.
-
-    grad_out: [T, out], x: [T, in]; `pattern` is a CSR tensor [out, in] of the (sorted) indices,
-    used by the sampled-matmul path (else columns are gathered)."""
-    tokens, m = x.shape[0], rows.numel()
-    result = torch.zeros(m, dtype=torch.float32, device=x.device)
-    if m == 0:
-        return result
-    if pattern is None or m <= GATHER_MAX_VALUES:
-        chunk = max(1, CHUNK_ELEMENTS // (2 * m))
-        for start in range(0, tokens, chunk):
-            g = grad_out[start:start + chunk].float().index_select(1, rows)
-            v = x[start:start + chunk].float().index_select(1, cols)
-            result += (g * v).sum(0)
-        return result
-    # The sampled kernel takes dot products along the tokens, so it wants both operands token-contiguous
-    # ([out, t] and [in, t]); each is made so in one copy that also casts to float32 (the kernel has no
-    # bfloat16), instead of a cast followed by the kernel's own transposing copy.
-    chunk = max(1, CHUNK_ELEMENTS // (grad_out.shape[1] + x.shape[1]))
-    for start in range(0, tokens, chunk):
-        g_t, x_t = _transposed_float(grad_out[start:start + chunk]), _transposed_float(x[start:start + chunk])
-        result += torch.sparse.sampled_addmm(pattern, g_t, x_t.t(), beta=0.0).values()
-    return result
-
-
-def _transposed_float(a: torch.Tensor) -> torch.Tensor:
-    """a.t() as a contiguous float32 tensor, transposed and cast in one copy."""
-    return torch.empty(a.shape[1], a.shape[0], dtype=torch.float32, device=a.device).copy_(a.t())
-
-
-_KERNEL: dict[str, object] = {}
-
-
-def kernel():
-    """The compiled value-gradient kernel, or None when it cannot be built here (no C++ compiler;
-    or RIGSA_NO_KERNEL=1, which forces the torch-ops route). Built once per source, flags, torch and
-    Python version and cached under $RIGSA_CACHE/kernels/<content hash>; the first build takes about 25 s."""
-    if "module" not in _KERNEL:
-        _KERNEL["module"] = None if os.environ.get("RIGSA_NO_KERNEL", "") not in ("", "0") else _build_kernel()
-    return _KERNEL["module"]
-
-
-KERNEL_NAME = "rigsa_sparse_kernels"
-# The vector extensions the kernel is built for follow torch's own reading of this CPU (never -march=native: the
-# build cache is keyed by the flags, so a cache copied to a CPU without them builds its own). Measured here with
-# AVX-512 (in one process, 1,000 tokens, LoRA r=8's count, 4 layer shapes of SmolLM2-135M): spmm_add 1.5-1.9x,
-# spmm_t 1.15-1.4x and sampled_dot (with its 128-token tiles) 1.3-1.5x faster than the baseline x86-64 build.
-CPU_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
-             "AVX2": ["-mavx2", "-mfma"]}
-
-
-def kernel_flags() -> list[str]:
-    return ["-O3", "-fopenmp-simd", *CPU_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
-
-
-def _build_kernel():
-    """Load the compiled kernel from a cache folder named by the SHA-256 of its source, flags, torch and
-    Python versions; compile it there first when the folder holds none. Keyed by content, not file
-    times: a copied cache loads without recompiling, a changed source compiles into a new folder."""
-    try:
-        import importlib.util
-
-        from torch.utils import cpp_extension
-
-        from rigsa.assets import cache_root
-
-        source, flags = Path(__file__).with_name("kernels.cpp"), kernel_flags()
-        key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()
-                             + f"{torch.__version__} {sys.version_info[:2]}".encode()).hexdigest()[:16]
-        build = cache_root() / "kernels" / key
-        library = build / f"{KERNEL_NAME}.so"
-        if library.exists():
-            spec = importlib.util.spec_from_file_location(KERNEL_NAME, library)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        venv_bin = str(Path(sys.executable).parent)  # the `ninja` wheel's binary, when PATH lacks the venv
-        if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
-            os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-        build.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(KERNEL_NAME, [str(source)], extra_cflags=flags, build_directory=str(build))
-    except Exception as error:  # no compiler or no ninja: the torch-ops route still gives exact gradients
-        warnings.warn(f"rigsa: the sparse engine's C++ kernel could not be built ({type(error).__name__}: "
-                      f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using torch ops, "
-                      "which are slower. Install g++ (Debian: apt install g++) to build it.", stacklevel=3)
-        return None
-
-
-def values_and_gate_gradients(raw, values, gate, for_values: bool, for_gate: bool):
-    """From `raw` (d values before the gate, float32): (gate * raw, sum(raw * values)), None where not asked for."""
-    return (raw * gate.float() if for_values else None,
-            (raw * values.float()).sum().reshape(gate.shape) if for_gate else None)
 
 
 class _SparseDeltaLinear(torch.autograd.Function):
@@ -202,8 +90,6 @@ class SparseDeltaLinear(nn.Module):
                  gate: float | torch.Tensor | nn.Parameter | None = None, train_gate: bool = False,
                  init_values: torch.Tensor | None = None, merged: bool | None = None):
         super().__init__()
-        from rigsa.quantize import is_quantized
-
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight_numel = self.in_features * self.out_features
         device = base.weight.device
@@ -249,8 +135,6 @@ class SparseDeltaLinear(nn.Module):
     def layout(self):
         """S's CSR pattern for the unmerged path, built on first use."""
         if self._layout is None:
-            from rigsa.sparse.unmerged import CsrLayout
-
             self._layout = CsrLayout(self.flat, self.out_features, self.in_features)
         return self._layout
 
@@ -271,7 +155,7 @@ class SparseDeltaLinear(nn.Module):
             return "dense"
         if self.indices.device.type == "cpu" and kernel() is not None:
             return "kernel"
-        return "gather" if self.indices.numel() <= GATHER_MAX_VALUES else "sampled"
+        return "gather" if self.indices.numel() <= products.GATHER_MAX_VALUES else "sampled"
 
     def _torch_route(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(rows, cols, CSR pattern or None) for the torch-ops route, built once."""
@@ -299,14 +183,12 @@ class SparseDeltaLinear(nn.Module):
             v = x if x.dtype in supported else x.float()
             return kernel().sampled_dot(g.contiguous(), v.contiguous(), self.indices, torch.get_num_threads())
         rows, cols, pattern = self._torch_route()
-        return value_gradient(grad_out, x, rows, cols, pattern)
+        return products.value_gradient(grad_out, x, rows, cols, pattern)
 
     def base_weight(self, merged: bool | None = None) -> torch.Tensor:
         """The dense base weight, without the delta (a 4-bit base dequantized: a transient copy). `merged`:
         whether the weight tensor holds the delta now (default: the layer's mode)."""
         if self.base_layer is not None:
-            from rigsa.quantize import dequantized_weight
-
             return dequantized_weight(self.base_layer)
         if not (self.merged if merged is None else merged):
             return self.weight.detach()
@@ -319,8 +201,6 @@ class SparseDeltaLinear(nn.Module):
         """Replace the base weight by a 4-bit copy (bitsandbytes); the delta stays apart from then on."""
         if self.base_layer is not None:
             return
-        from rigsa.quantize import linear4bit
-
         self.unmerge()
         self.base_layer = linear4bit(self.weight, self.bias, quant_type, compute_dtype)
         self.weight = self.bias = None
@@ -363,10 +243,26 @@ class SparseDeltaLinear(nn.Module):
         self._build_pattern()
         return source, found
 
+    # ---- the AdapterLayer protocol (rigsa.adapter_layer)
+    def own_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"indices": self.indices, "base_values": self.base_values, "values": self.values, "gate": self.gate}
+        return {**tensors, **({"init_values": self.init_values} if self.init_values is not None else {})}
+
+    def positions(self) -> torch.Tensor:
+        return self.indices
+
+    def move_to(self, positions: torch.Tensor) -> None:
+        if not torch.equal(positions.to(self.indices.device), self.indices):
+            self.reindex(positions)
+
+    @torch.no_grad()
+    def float_weight(self) -> torch.Tensor:
+        weight = self.base_weight().float().reshape(-1)
+        weight[self.flat] += self.gate.detach().float() * self.values.detach().float()
+        return weight.reshape(self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.merged:
-            from rigsa.sparse.unmerged import unmerged_forward
-
             return unmerged_forward(self, x)
         self.merge()
         if not (self.values.requires_grad or self.gate.requires_grad) or not torch.is_grad_enabled():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from rigsa.config import fail
+from rigsa.vocabulary import fail
 
 # SpaRTA's default (seed 001): attention value and output projections.
 PRESETS = {

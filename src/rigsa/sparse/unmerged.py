@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch.nn import functional as F
 
-from rigsa.sparse.engine import csr_rows, kernel, values_and_gate_gradients
+from rigsa.sparse.products import csr_rows, kernel, values_and_gate_gradients
 
 
 class CsrLayout:

@@ -1,7 +1,7 @@
 """Tasks: the interface every task family implements, and what the rest of rigsa reads from a task.
 
 A task family is one module in this folder (named by `task.family` in its YAML) with two functions:
-`check_config(task, fail)`, the value checks that need no data (run by `rigsa.config.validate`), and
+`check_config(task, fail)`, the value checks that need no data (run by `rigsa.validate.validate`), and
 `build(task, tokenizer, max_seq_len) -> TaskData`, the tokenized splits. Every task is a
 classification: a prompt, and one of a few classes named by label words. Prompts are stored
 unpadded; `Split.batch` left-pads each batch to its own longest prompt (the position ids follow the

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rigsa.config import ConfigError, fail
 from rigsa.tasks import Split, TaskData, label_token_ids, render_prompts, test_set_key
+from rigsa.vocabulary import ConfigError, fail
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # what `datasets` reads
 METRICS = ("accuracy", "f1", "mcc")
@@ -93,6 +93,9 @@ def check_config(task: DictConfig, fail) -> None:
     for key in ("max_train_size", "max_prompt_tokens"):
         if task[key] < 1:
             fail(f"task.{key}", task[key], "a number >= 1", f"pass task.{key}=256")
+    if task.max_test_size < 0:
+        fail("task.max_test_size", task.max_test_size, "0 (the whole test set) or a number >= 1",
+             "pass task.max_test_size=1000")
 
 
 def label_values(task: DictConfig) -> list[str]:
@@ -133,7 +136,7 @@ def take(dataset, indices):
     return dataset.select(np.sort(np.asarray(indices, dtype=np.int64)))
 
 
-def split_rows(table, recipe: DictConfig, seed: int, max_train_size: int) -> dict:
+def split_rows(table, recipe: DictConfig, seed: int, max_train_size: int, max_test_size: int = 0) -> dict:
     """{train, dev, test} Datasets from the loaded splits, by the recipe (see the module docstring)."""
     import datasets
 
@@ -160,6 +163,8 @@ def split_rows(table, recipe: DictConfig, seed: int, max_train_size: int) -> dic
                           "one file and task.splits.fractions")
     if len(parts["train"]) > max_train_size:
         parts["train"] = take(parts["train"], rng.choice(len(parts["train"]), max_train_size, replace=False))
+    if 0 < max_test_size < len(parts["test"]):  # a seeded sample, in the test set's own order
+        parts["test"] = take(parts["test"], np.sort(rng.choice(len(parts["test"]), max_test_size, replace=False)))
     return parts
 
 
@@ -204,7 +209,7 @@ def build(task: DictConfig, tokenizer, max_seq_len: int) -> TaskData:
                                                                                              "text_pair_column")
             raise ConfigError(f"task.{key}={missing[0]!r} is invalid: expected a column of the data's {name!r} split "
                               f"(it has {rows.column_names}). Fix: pass task.{key}=<one of those>")
-    parts = split_rows(table, task.splits, task.split_seed, task.max_train_size)
+    parts = split_rows(table, task.splits, task.split_seed, task.max_train_size, task.max_test_size)
     splits, dropped = {}, 0
     for name in SPLIT_NAMES:
         rows = parts[name]

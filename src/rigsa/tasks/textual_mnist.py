@@ -15,8 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from rigsa import assets
-from rigsa.config import ConfigError
 from rigsa.tasks import Split, TaskData, label_token_ids, render_prompts, test_set_key
+from rigsa.vocabulary import ConfigError
 
 IMAGE_SIZES = (28, 14, 7)
 DIGITS_PER_CLASS = 500
@@ -26,7 +26,7 @@ QUESTION = ("Which digit from 0 to 9 does this {size}x{size} image show? Each ch
 
 
 def check_config(task: DictConfig, fail) -> None:
-    """Value checks for the task group (called by rigsa.config.validate)."""
+    """Value checks for the task group (called by rigsa.validate.validate)."""
     if task.image_size not in IMAGE_SIZES:
         fail("task.image_size", task.image_size, f"one of {list(IMAGE_SIZES)} (28 = paper, 14/7 = mean-pooled)",
              "pass task.image_size=14")

@@ -51,18 +51,24 @@ ROUND_TRIPS = [(option, [], None) for option in trained_methods()] + [
 ]
 
 
+def trained_and_saved(option: str, overrides: list[str], pruned_value: str | None, data, folder):
+    """(cfg, model, its logits) after a few steps of `option` (and a prune), its adapter saved in folder/adapter."""
+    cfg = method_cfg(option, ["pruning=none", *overrides])
+    model, method = attach_method(cfg, data)
+    train_steps(model, method, cfg, data, folder / "phase1.pt", steps=3, lr=1e-2)
+    if pruned_value:
+        method.prune(PruneStep(1, 0.5, pruned_value=pruned_value))
+        train_steps(model, method, cfg, data, folder / "phase2.pt", steps=2, lr=1e-2)
+    model.eval()
+    trained = logits(model)
+    method.save(folder / "adapter")
+    return cfg, model, trained
+
+
 @pytest.mark.parametrize("option,overrides,pruned_value", ROUND_TRIPS,
                          ids=[f"{o}{''.join(x)}{'-pruned_' + p if p else ''}" for o, x, p in ROUND_TRIPS])
 def test_a_saved_adapter_reloads_to_the_trained_models_logits(option, overrides, pruned_value, tiny_data, tmp_path):
-    cfg = method_cfg(option, ["pruning=none", *overrides])
-    model, method = attach_method(cfg, tiny_data)
-    train_steps(model, method, cfg, tiny_data, tmp_path / "phase1.pt", steps=3, lr=1e-2)
-    if pruned_value:
-        method.prune(PruneStep(1, 0.5, pruned_value=pruned_value))
-        train_steps(model, method, cfg, tiny_data, tmp_path / "phase2.pt", steps=2, lr=1e-2)
-    model.eval()
-    trained = logits(model)
-    method.save(tmp_path / "adapter")
+    cfg, model, trained = trained_and_saved(option, overrides, pruned_value, tiny_data, tmp_path)
 
     base, _ = load_model(cfg.model, 0)
     assert (trained - logits(base)).abs().max() > 1e-3  # the adapter changes the model
@@ -162,16 +168,7 @@ def test_an_adapter_read_as_data_rebuilds_the_trained_model(option, overrides, p
     from rigsa.adapters.read import read_adapter
     from rigsa.model_edits import load_head
 
-    cfg = method_cfg(option, ["pruning=none", *overrides])
-    model, method = attach_method(cfg, tiny_data)
-    train_steps(model, method, cfg, tiny_data, tmp_path / "phase1.pt", steps=3, lr=1e-2)
-    if pruned_value:
-        method.prune(PruneStep(1, 0.5, pruned_value=pruned_value))
-        train_steps(model, method, cfg, tiny_data, tmp_path / "phase2.pt", steps=2, lr=1e-2)
-    model.eval()
-    trained = logits(model)
-    method.save(tmp_path / "adapter")
-
+    cfg, _, trained = trained_and_saved(option, overrides, pruned_value, tiny_data, tmp_path)
     adapter = read_adapter(tmp_path / "adapter")
     assert adapter.method == option and (adapter.layers or adapter.replaced)
     base, _ = load_model(cfg.model, 0)
@@ -188,3 +185,110 @@ def test_an_adapter_read_as_data_rebuilds_the_trained_model(option, overrides, p
             else:
                 base.get_parameter(name).copy_(tensor)
     torch.testing.assert_close(logits(base), trained, rtol=1e-5, atol=1e-5)
+
+
+def tamper(source, target, file: str, change) -> None:
+    """Copy the adapter folder `source` to `target` and rewrite one tensor file (or its JSON) with `change`."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    if file.endswith(".json"):
+        path = target / file
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    else:
+        tensors = load_file(str(target / file))
+        change(tensors)
+        save_file(tensors, str(target / file))
+
+
+def first(tensors: dict, suffix: str) -> str:
+    return sorted(name for name in tensors if name.endswith(suffix))[0]
+
+
+def nan_values(tensors):
+    tensors[first(tensors, ".values")][0] = float("nan")
+
+
+def index_outside(tensors):
+    tensors[first(tensors, ".indices")][-1] = 10**8
+
+
+def repeated_index(tensors):
+    name = first(tensors, ".indices")
+    tensors[name][1] = tensors[name][0]
+
+
+def one_value_for_many(tensors):  # a one-element tensor that would broadcast over every position
+    tensors[first(tensors, ".values")] = torch.tensor([5.0])
+
+
+def two_gates(tensors):
+    tensors[first(tensors, ".gate")] = torch.ones(2)
+
+
+def wide_lora_b(tensors):
+    name = first(tensors, "lora_B.weight")
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
+
+
+def infinite_lora_a(tensors):
+    tensors[first(tensors, "lora_A.weight")][0, 0] = float("inf")
+
+
+def absurd_alpha(config):
+    return {**config, "lora_alpha": 1e9}
+
+
+TAMPERED = {  # case: (run, file, change, what the one line says)
+    "nan value": ("sparta", "adapter.safetensors", nan_values, r"\.values holds NaN or infinite values"),
+    "index outside the weight": ("sparta", "adapter.safetensors", index_outside, r"are not unique positions inside"),
+    "repeated index": ("rigsa", "adapter.safetensors", repeated_index, r"are not unique positions inside"),
+    "one value broadcast": ("sparta", "adapter.safetensors", one_value_for_many, r"positions, 1 values and 1 gate"),
+    "two gates": ("rigsa", "adapter.safetensors", two_gates, r"values and 2 gate values"),
+    "lora B of the wrong shape": ("lora", "adapter_model.safetensors", wide_lora_b, r"LoRA factors are .* which do not"),
+    "infinite lora A": ("lora", "adapter_model.safetensors", infinite_lora_a, r"lora_A holds NaN or infinite"),
+    "absurd lora_alpha": ("lora", "adapter_config.json", absurd_alpha,
+                          r"adapter_config.json: .*LoRA scale \(lora_alpha / r\) is 1\.25e\+08, above 1000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_a_tampered_adapter_is_refused_before_it_touches_a_weight(case, trained, tmp_path, capsys):
+    from rigsa.cache import UnreadableFile
+
+    run_name, file, change, said = TAMPERED[case]
+    tamper(trained[run_name] / "adapter", tmp_path / "adapter", file, change)
+    model, _ = load_model(compose(["model=tiny"]).model, 0)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(UnreadableFile, match=said) as refused:
+        apply_adapter(model, tmp_path / "adapter")
+    assert "Fix: delete the adapter folder" in str(refused.value)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert apply_main([str(tmp_path / "adapter"), "--model", "tiny", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("rigsa-apply: error: ") and error.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_dense_delta_of_the_wrong_shape_is_refused(tmp_path):
+    from rigsa.adapters.write import write_dense
+    from rigsa.cache import UnreadableFile
+
+    write_dense({"model.layers.0.mlp.up_proj.dense_delta": torch.ones(1)}, tmp_path / "adapter", {"method": "rigsa"})
+    model, _ = load_model(compose(["model=tiny"]).model, 0)
+    with pytest.raises(UnreadableFile, match=r"up_proj's delta is \(1,\), not its weight's"):
+        apply_adapter(model, tmp_path / "adapter")
+
+
+def test_rigsa_apply_refuses_an_output_that_exists_and_writes_nothing(trained, tmp_path, capsys):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("mine")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.md").write_text("mine")
+    for out in (taken, used):
+        assert apply_main([str(trained["sparta"] / "adapter"), "--model", "tiny", "--out", str(out)]) == 2
+        assert f"rigsa-apply: error: --out {out} exists" in capsys.readouterr().err
+    assert taken.read_text() == "mine" and sorted(p.name for p in used.iterdir()) == ["notes.md"]

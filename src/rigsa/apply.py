@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--shira", action="store_true", help="write a PEFT SHiRA adapter instead of a merged model")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # nothing already there is overwritten
+        print(f"rigsa-apply: error: --out {out} exists and is not an empty folder: pass a new folder", file=sys.stderr)
+        return 2
     overrides = [f"model={args.model}", f"seed={args.seed}"] + ([f"model.path={args.model_path}"] if args.model_path else [])
     try:
         cfg = compose(overrides)

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from rigsa.adapter_layer import AdapterLayer
-from rigsa.adapters import OUTPUT_HEAD, PEFT_FORMAT, SPARSE_FORMAT, Adapter, AdapterMismatch, ClassificationHead
-from rigsa.adapters.read import read_adapter
+from rigsa.adapters import (OUTPUT_HEAD, PEFT_CONFIG_FILE, PEFT_FORMAT, PEFT_TENSOR_FILE, SPARSE_FORMAT, TENSOR_FILE, Adapter,
+                            AdapterMismatch, ClassificationHead, DenseDelta, LowRankDelta, SparseDelta)
+from rigsa.adapters.read import REBUILD, read_adapter
+from rigsa.cache import UnreadableFile
 from rigsa.adapters.write import target_fingerprint
 from rigsa.model_edits import load_head, replace_module
 from rigsa.models import fingerprint
@@ -29,6 +31,7 @@ def apply_adapter(model: nn.Module, directory: str | Path | Adapter, merge: bool
     its classification head: it comes back as `model.classifier_head` (an nn.Linear from the final hidden
     state at the answer position to the classes; `rigsa.readout.ClassifierHead` scores with it)."""
     adapter = directory if isinstance(directory, Adapter) else read_adapter(directory)
+    check_fits(model, adapter)  # before any weight is touched
     if adapter.format == PEFT_FORMAT:
         adapted = load_peft(model, adapter, merge)
     else:
@@ -37,6 +40,70 @@ def apply_adapter(model: nn.Module, directory: str | Path | Adapter, merge: bool
     if adapter.head is not None:
         adapted.classifier_head = head_module(adapter.head).to(next(adapted.parameters()).device)
     return adapted
+
+
+# A LoRA scale (lora_alpha / r) above this is no trained adapter's: PEFT's defaults give 1-2, rsLoRA's up to ~16.
+MAX_LOW_RANK_SCALE = 1e3
+
+
+def check_fits(model: nn.Module, adapter: Adapter) -> None:
+    """Refuse an adapter whose tensors cannot be this model's, before it touches a weight: every layer it names
+    exists and is linear, every tensor has the shape its layer needs and finite values, sparse positions are unique
+    and inside the weight, a LoRA scale is plausible. One line naming the file, the tensor and the fix."""
+    path = adapter.directory / (PEFT_TENSOR_FILE if adapter.format == PEFT_FORMAT else TENSOR_FILE)
+
+    def refuse(fault: str, where: Path = path) -> None:
+        raise UnreadableFile(where, fault, REBUILD)
+
+    def finite(name: str, tensor: torch.Tensor) -> None:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            refuse(f"{name} holds NaN or infinite values")
+
+    for name, delta in adapter.layers.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterMismatch(f"adapter layer {name!r} does not exist in this model: it was trained on "
+                                  f"{adapter.base_model!r}") from None
+        if not hasattr(layer, "in_features"):
+            raise AdapterMismatch(f"{name} is a {type(layer).__name__}, expected a linear layer")
+        shape = (layer.out_features, layer.in_features)
+        if isinstance(delta, SparseDelta):
+            indices = delta.indices.long().reshape(-1)
+            if delta.values.numel() != indices.numel() or delta.gate.numel() != 1:
+                refuse(f"{name} has {indices.numel()} positions, {delta.values.numel()} values and "
+                       f"{delta.gate.numel()} gate values (expected as many values as positions and one gate)")
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= shape[0] * shape[1]
+                                    or indices.unique().numel() != indices.numel()):
+                refuse(f"{name}.indices are not unique positions inside its {shape[0]}x{shape[1]} weight")
+            finite(f"{name}.values", delta.values)
+            finite(f"{name}.gate", delta.gate)
+        elif isinstance(delta, LowRankDelta):
+            rank = delta.down.shape[0]
+            if tuple(delta.down.shape) != (rank, shape[1]) or tuple(delta.up.shape) != (shape[0], rank):
+                refuse(f"{name}'s LoRA factors are {tuple(delta.up.shape)} x {tuple(delta.down.shape)}, which do not "
+                       f"make its {shape[0]}x{shape[1]} weight")
+            if not abs(delta.scale) <= MAX_LOW_RANK_SCALE:
+                refuse(f"{name}'s LoRA scale (lora_alpha / r) is {delta.scale:g}, above {MAX_LOW_RANK_SCALE:g}",
+                       adapter.directory / PEFT_CONFIG_FILE)
+            for part, tensor in (("lora_A", delta.down), ("lora_B", delta.up), ("magnitude", delta.magnitude)):
+                if tensor is not None:
+                    finite(f"{name}.{part}", tensor)
+        elif isinstance(delta, DenseDelta):
+            if tuple(delta.delta.shape) != shape:
+                refuse(f"{name}'s delta is {tuple(delta.delta.shape)}, not its weight's {shape}")
+            finite(f"{name}'s delta", delta.delta)
+    for name, tensor in adapter.replaced.items():
+        try:
+            parameter = model.get_output_embeddings().weight if name == OUTPUT_HEAD else model.get_parameter(name)
+        except AttributeError:
+            raise AdapterMismatch(f"adapter tensor {name!r} names no parameter of this model: it was trained on "
+                                  f"{adapter.base_model!r}") from None
+        if tensor.shape != parameter.shape:
+            refuse(f"{name} is {tuple(tensor.shape)}, not the model's {tuple(parameter.shape)}")
+        finite(name, tensor)
+    if adapter.head is not None:
+        finite("the classification head", adapter.head.weight)
 
 
 def head_module(head: ClassificationHead) -> nn.Linear:
@@ -60,15 +127,8 @@ def load_sparse(model: nn.Module, adapter: Adapter, merge: bool = True) -> nn.Mo
     merge=True writes base + delta into float32 weights and leaves plain nn.Linear layers (ready for
     export or evaluation); merge=False, and any layer whose weight is stored in lower precision (where
     merging would round the delta away), gets a SparseDeltaLinear layer (trainable, unmergeable).
-    Raises AdapterMismatch when the targeted base weights differ from the ones trained on."""
-    for name in adapter.layers:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterMismatch(f"adapter layer {name!r} does not exist in this model: it was trained on "
-                                  f"{adapter.base_model!r}") from None
-        if not isinstance(module, nn.Linear):
-            raise AdapterMismatch(f"{name} is a {type(module).__name__}, expected nn.Linear")
+    Raises AdapterMismatch when the targeted base weights differ from the ones trained on (its layers exist and fit:
+    `check_fits`)."""
     refuse_other_base(adapter, target_fingerprint(model, list(adapter.layers)), "'s targeted weights")
     for name, delta in adapter.layers.items():
         layer = SparseDeltaLinear(model.get_submodule(name), delta.indices, delta.values, delta.gate)

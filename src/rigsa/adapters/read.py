@@ -61,9 +61,14 @@ def read_adapter(directory: str | Path) -> Adapter:
                             "point at <run dir>/adapter")
 
 
-def record(meta: dict, *keys: str) -> dict:
-    """The record without the keys an Adapter holds as fields."""
-    return {key: value for key, value in meta.items() if key not in keys}
+RECORD_FIELDS = ("format", "method", "quantize", "base_model", "base_fingerprint")  # adapter.json keys Adapter holds
+
+
+def from_record(directory: Path, format_name: str, meta: dict, layers: dict, replaced: dict) -> Adapter:
+    """An Adapter in one of rigsa's own formats: its deltas and replaced tensors, and adapter.json's record."""
+    return Adapter(directory, format_name, meta.get("method"), layers, replaced, read_head(directory),
+                   meta.get("quantize"), meta.get("base_model"), meta.get("base_fingerprint"),
+                   meta={key: value for key, value in meta.items() if key not in RECORD_FIELDS})
 
 
 def sparse_adapter(directory: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Adapter:
@@ -74,18 +79,14 @@ def sparse_adapter(directory: Path, meta: dict, tensors: dict[str, torch.Tensor]
             raise UnreadableFile(directory / TENSOR_FILE, f"it lacks {missing[0]}, which {META_FILE} lists", REBUILD)
         layers[name] = SparseDelta(*(tensors[f"{name}.{suffix}"] for suffix in SPARSE_SUFFIXES))
     replaced = {OUTPUT_HEAD: tensors[OUTPUT_HEAD]} if OUTPUT_HEAD in tensors else {}
-    return Adapter(directory, SPARSE_FORMAT, meta.get("method"), layers, replaced, read_head(directory),
-                   meta.get("quantize"), meta.get("base_model"), meta.get("base_fingerprint"),
-                   meta=record(meta, "format", "method", "quantize", "base_model", "base_fingerprint"))
+    return from_record(directory, SPARSE_FORMAT, meta, layers, replaced)
 
 
 def dense_adapter(directory: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Adapter:
     layers = {name.removesuffix(DENSE_SUFFIX): DenseDelta(tensor) for name, tensor in tensors.items()
               if name.endswith(DENSE_SUFFIX)}
     replaced = {name: tensor for name, tensor in tensors.items() if not name.endswith(DENSE_SUFFIX)}
-    return Adapter(directory, DENSE_FORMAT, meta.get("method"), layers, replaced, read_head(directory),
-                   meta.get("quantize"), meta.get("base_model"), meta.get("base_fingerprint"),
-                   meta=record(meta, "format", "method", "quantize", "base_model", "base_fingerprint"))
+    return from_record(directory, DENSE_FORMAT, meta, layers, replaced)
 
 
 PEFT_KEY = re.compile(r"^base_model\.model\.(?P<layer>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|"

@@ -15,7 +15,7 @@ from conftest import TINY
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CPU = torch.device("cpu")
-SMALL_OFFLINE = ["eval=offline", "eval.forgetting.0.limit=4", "eval.forgetting.1.limit=2"]
+SMALL_OFFLINE = ["eval=offline", "eval.forgetting.0.limit=4", "eval.forgetting.1.limit=3", "eval.forgetting.2.limit=2"]
 
 
 def tiny():
@@ -46,7 +46,7 @@ def test_forget_ratio_and_collapse_arithmetic():
     assert block["collapsed"] == 1 and block["tasks"]["a"]["word_perplexity"]["forgetting"] == 800.0
 
 
-def test_packaged_gsm8k_tasks_run_offline_on_tiny(tmp_path, monkeypatch, capfd, caplog):
+def test_packaged_gsm8k_and_prose_tasks_run_offline_on_tiny(tmp_path, monkeypatch, capfd, caplog):
     model, tokenizer = tiny()
     cfg = compose(TINY + SMALL_OFFLINE)
     monkeypatch.chdir(tmp_path)  # outside any git repository, as a user's working folder may be
@@ -54,13 +54,30 @@ def test_packaged_gsm8k_tasks_run_offline_on_tiny(tmp_path, monkeypatch, capfd, 
     printed = capfd.readouterr().err + caplog.text
     for noise in ("not a git repository", "is defined, but aggregation is not", "is not of type `str`"):
         assert noise not in printed  # warnings a user can do nothing about are silenced
-    assert set(scores) == {"rigsa_gsm8k_bpb", "rigsa_gsm8k"}
+    assert set(scores) == {"rigsa_gsm8k_bpb", "rigsa_prose_bpb", "rigsa_gsm8k"}
+    prose = scores["rigsa_prose_bpb"]
+    assert prose["n"] == 3 and prose["metrics"]["bits_per_byte"] > 1.0  # a random model is far from the floor
     bpb = scores["rigsa_gsm8k_bpb"]
     assert {"bits_per_byte", "byte_perplexity", "word_perplexity"} <= set(bpb["metrics"]) and bpb["n"] == 4
     assert bpb["metrics"]["bits_per_byte"] > 1.0 and bpb["higher_is_better"]["bits_per_byte"] is False
     gsm = scores["rigsa_gsm8k"]
     assert {"exact_match,strict-match", "exact_match,flexible-extract"} == set(gsm["metrics"]) and gsm["n"] == 2
     assert gsm["metrics"]["exact_match,strict-match"] == 0.0  # a random model solves nothing
+
+
+def test_the_prose_documents_are_the_novel_in_order_without_the_licence_or_the_typo_list():
+    from rigsa import assets
+
+    text = assets.locate("prose").read_text(encoding="utf-8")
+    documents = forgetting.prose_documents(text)
+    assert documents[0].startswith("BOTCHAN (MASTER DARLING)\nBy The Late Mr. Kin-nosuke Natsume")
+    assert documents[-1].endswith("So Kiyo's grave is in the Yogen temple at Kobinata.\n--(THE END)--")
+    joined = "\n".join(documents)
+    text = text.replace("\r\n", "\n")  # the file has Windows line ends; documents are cut at lines
+    novel = text[text.index("Team\nBOTCHAN (MASTER DARLING)") + 5:text.index("--(THE END)--") + len("--(THE END)--")]
+    assert joined == novel  # every line of the novel, once, in order, nothing else
+    assert "Gutenberg" not in joined and "[A: Insitent]" not in joined
+    assert len(documents) == 126 and all(len(document) <= forgetting.PROSE_DOCUMENT_CHARS + 80 for document in documents)
 
 
 def test_fewshot_pool_is_never_evaluated(tmp_path):
@@ -89,6 +106,7 @@ def test_paper_shaped_fixtures_run_through_the_builtin_tasks():
     assert "lm_eval/tasks/hellaswag/hellaswag.yaml" in text  # the built-in task's own config and process_docs
 
 
+@pytest.mark.slow  # an lm-eval or multi-process end-to-end run (30-50 s): make test-slow
 def test_second_run_hits_the_base_cache(tiny_cfg, tmp_path, monkeypatch, capsys, private_cache):
     calls = []
     real = forgetting.evaluate_suite
@@ -106,6 +124,7 @@ def test_second_run_hits_the_base_cache(tiny_cfg, tmp_path, monkeypatch, capsys,
         second["forgetting"]["tasks"]["rigsa_gsm8k_bpb"]["bits_per_byte"]["base"]
 
 
+@pytest.mark.slow  # an lm-eval or multi-process end-to-end run (30-50 s): make test-slow
 def test_merged_sparse_adapter_scores_like_the_unmerged_model(tiny_cfg, tmp_path):
     from rigsa.apply import apply_adapter
     from rigsa.sparse.engine import sparse_layers
@@ -170,6 +189,7 @@ metric_list:
     return yaml_path
 
 
+@pytest.mark.slow  # an lm-eval or multi-process end-to-end run (30-50 s): make test-slow
 def test_an_own_task_yaml_runs_as_the_forgetting_suite_through_include_path(tiny_cfg, tmp_path, monkeypatch,
                                                                               private_cache):
     from rigsa import assets
@@ -203,6 +223,7 @@ def test_an_own_task_on_the_hub_still_needs_it_and_bad_paths_are_refused(tmp_pat
             validate(compose(TINY + override))
 
 
+@pytest.mark.slow  # an lm-eval or multi-process end-to-end run (30-50 s): make test-slow
 def test_builtin_tasks_read_local_csv_and_parquet_and_refuse_other_formats(tmp_path):
     import datasets
 

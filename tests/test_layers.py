@@ -20,7 +20,8 @@ SOURCE = Path(rigsa.__file__).parent
 FLOORS = [
     ("vocabulary", {"rigsa", "rigsa.vocabulary", "rigsa.assets", "rigsa.quantize", "rigsa.evaluate", "rigsa.model_edits",
                     "rigsa.adapter_layer", "rigsa.report_figures", "rigsa.conf", "rigsa.adapters", "rigsa.sparse",
-                    "rigsa.tasks", "rigsa.methods", "rigsa.lm_eval_tasks"}),
+                    "rigsa.tasks", "rigsa.methods", "rigsa.lm_eval_tasks", "rigsa.tuning", "rigsa.early_stopping",
+                    "rigsa.report_compare"}),
     ("parts", {"rigsa.config", "rigsa.cache", "rigsa.models", "rigsa.tasks.textual_mnist",
                "rigsa.tasks.text_classification", "rigsa.sparse.products", "rigsa.sparse.unmerged", "rigsa.sparse.engine",
                "rigsa.sparse.selection", "rigsa.sparse.targets", "rigsa.forgetting", "rigsa.tracking", "rigsa.run_folder",

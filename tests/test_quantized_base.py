@@ -227,6 +227,7 @@ def test_bad_quantize_values_are_refused():
         validate(compose(TINY + ["method=snip", "method.reselect_every=5", "model.quantize=nf4"]))
 
 
+@pytest.mark.slow  # an lm-eval or multi-process end-to-end run (30-50 s): make test-slow
 def test_a_4bit_run_reports_the_quantized_bases_own_share_of_forgetting(tiny_cfg, tmp_path, private_cache):
     """results.forgetting.quantized_base: the suite on the 4-bit base before training, against the unquantized
     base's scores; it equals a direct evaluation of that quantized, unadapted model."""
@@ -248,6 +249,7 @@ def test_a_4bit_run_reports_the_quantized_bases_own_share_of_forgetting(tiny_cfg
     assert results["forgetting"]["mean_forgetting"] != share["mean_forgetting"]  # training moved it further
 
 
+@pytest.mark.slow  # an lm-eval or multi-process end-to-end run (30-50 s): make test-slow
 def test_a_resumed_4bit_run_reads_the_quantized_bases_share_instead_of_measuring_it_again(tiny_cfg, tmp_path,
                                                                                            private_cache, monkeypatch):
     from rigsa import run as run_module

@@ -57,8 +57,8 @@ def runs(tmp_path):
 def test_means_stds_and_n_are_exact_and_a_missing_seed_is_flagged(runs, tmp_path):
     made = report([runs], tmp_path / "out", log_to_wandb=False)
     records = {record["method"]: record for record in made["records"]}
-    assert set(records) == {"method.name=lora", "method.name=sparta", "base model"}
-    lora, sparta = records["method.name=lora"], records["method.name=sparta"]
+    assert set(records) == {"lora", "sparta", "base model"}  # short labels: the method's name, what tells rows apart
+    lora, sparta = records["lora"], records["sparta"]
     assert (lora["n"], lora["seeds"], lora["missing seeds"], lora["failed"]) == (3, "0 1 2", "3", "seed 3: unfinished")
     assert lora["accuracy (%) mean"] == pytest.approx(60.0)
     assert lora["accuracy (%) std"] == pytest.approx(statistics.stdev([50.0, 60.0, 70.0]))  # 10.0, n-1
@@ -69,8 +69,8 @@ def test_means_stds_and_n_are_exact_and_a_missing_seed_is_flagged(runs, tmp_path
     assert "seed 2: RuntimeError: out of memory" in sparta["failed"]
     assert records["base model"]["accuracy (%) mean"] == pytest.approx(10.0)
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "| method.name=lora | 3 | 60.0 ± 10.0 | 0.0400 ± 0.0200 | 1,000 ± 0 | 3 (unfinished) |" in text
-    assert "| method.name=sparta | 2 | 45.0 ± 7.1 | 0.0100 ± 0.0000 | 500 ± 0 | 2 (failed), 3 |" in text
+    assert "| lora | 3 | 60.0 ± 10.0 | 0.0400 ± 0.0200 | 1,000 ± 0 | 3 (unfinished) |" in text
+    assert "| sparta | 2 | 45.0 ± 7.1 | 0.0100 ± 0.0000 | 500 ± 0 | 2 (failed), 3 |" in text
     assert f"Failed: {runs / 'sparta-seed2'}: RuntimeError: out of memory" in text
     with open(tmp_path / "out" / "report.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -103,7 +103,7 @@ def test_an_experiment_shapes_the_table_with_the_papers_numbers(runs, tmp_path, 
     monkeypatch.setattr(report_module, "experiment_spec", lambda name: spec)
     write_run(runs, "dora", 7, 0.9)  # in the folder, not in the experiment's rows: left out, seed 7 not expected
     text = report([runs], tmp_path / "out", experiment="any", log_to_wandb=False)["markdown"]
-    assert "dora" not in text and "1 other runs under" in text
+    assert "dora" not in text and "1 other runs here are not in this table" in text
     lines = text.splitlines()
     assert lines[0] == "## Table X" and "Paper: the paper, Table X" in text
     header = next(line for line in lines if line.startswith("| method"))
@@ -121,7 +121,7 @@ def test_the_figures_are_pngs_holding_plots(runs, tmp_path):
 
     made = report([runs], tmp_path / "out", log_to_wandb=False)
     names = sorted(path.name for path in made["figures"])
-    assert names == ["accuracy_vs_trainable.png", "forgetting.png", "iterations.png"]
+    assert names == ["accuracy_vs_trainable.png", "forgetting.png", "iterations.png", "learning_forgetting.png"]
     for path in made["figures"]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
         pixels = imread(path)
@@ -170,3 +170,74 @@ def test_an_experiments_report_section_carries_its_sweeps_seeds():
     assert spec["seeds"] == [0, 1] and spec["name"] == "rigsa_fig2_cpu"
     assert [row["match"] for row in spec["rows"]] == [{"variant": "rigsa"}, {"variant": "random_mask_rigsa_budget"}]
     assert experiment_spec("sparta_table3_cpu")["seeds"] == [0]
+
+
+def test_each_row_against_the_first_is_a_welch_interval_equal_to_a_hand_computation(runs, tmp_path):
+    from scipy import stats
+
+    text = report([runs], tmp_path / "out", log_to_wandb=False)["markdown"]
+    lora, sparta = [50.0, 60.0, 70.0], [40.0, 50.0]  # the fixture's accuracies in points (lora is the first row)
+    # by hand: difference of means, each mean's variance s^2/n, Welch-Satterthwaite degrees of freedom
+    va, vb = statistics.variance(lora) / 3, statistics.variance(sparta) / 2  # 100/3 and 50/2
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1)
+    half = stats.t.ppf(0.975, df) * (va + vb) ** 0.5
+    assert df == pytest.approx(49 / 17) and half == pytest.approx(24.877, abs=1e-3)  # t(0.975, 2.88) = 3.257
+    low, high = -15.0 - half, -15.0 + half
+    assert "### Against lora (this row minus it; 95% Welch interval over seeds)" in text
+    line = next(line for line in text.splitlines() if line.startswith("| sparta | 2 vs 3 |"))
+    assert f"| -15.0 | [{low:+.1f}, {high:+.1f}] | cannot tell |" in line  # the interval holds 0
+    from rigsa.report_compare import difference_interval, verdict
+
+    interval = difference_interval(lora, sparta)
+    assert (interval["low"], interval["high"]) == pytest.approx((low, high), rel=1e-12)
+    assert verdict(difference_interval([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]), True) == "better"
+    assert verdict(difference_interval([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]), False) == "worse"
+    assert difference_interval([1.0], [2.0, 3.0]) is None  # one seed: no interval, "cannot tell"
+
+
+def test_runs_of_two_tasks_get_two_tables_and_a_one_class_answerer_is_flagged(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(root, "lora", seed, 0.5 + 0.1 * seed)
+    for seed in (0, 1):  # another task: ten classes, one of them always answered
+        folder = write_run(root / "mnist", "sparta", seed, 0.1)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["task"]["name"] = "digits"
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        results = json.loads((folder / "results.json").read_text())
+        confusion = [[0] * 10 for _ in range(10)]
+        for true in range(10):
+            confusion[true][6] = 2  # every digit answered "6"
+        results["target"].update(answer_counts=[0] * 6 + [20] + [0] * 3,
+                                 metrics={"accuracy": 0.1, "macro_f1": 2 * 2 / (20 + 2) / 10, "confusion": confusion})
+        (folder / "results.json").write_text(json.dumps(results))
+    made = report([root], tmp_path / "out", log_to_wandb=False)
+    text = made["markdown"]
+    assert "## rigsa runs (digits on tiny)" in text and "## rigsa runs (textual_mnist on tiny)" in text
+    digits = text[text.index("(digits on tiny)"):text.index("(textual_mnist on tiny)")]
+    assert "| macro-F1 (%) |" in digits and "| sparta | 2 | 10.0 ± 0.0 | 1.8 ± 0.0 |" in digits
+    assert "sparta (seed 0: every answer is class 6)" in digits
+    assert "Confusion matrix of sparta (2 seeds summed" in digits and "| 3 | 0 | 0 | 0 | 0 | 0 | 0 | 4 | 0 | 0 | 0 |" in digits
+    assert {record["task"] for record in made["records"]} == {"digits", "textual_mnist"}
+    assert {path.parent.name for path in made["figures"]} == {"digits-tiny", "textual_mnist-tiny"}
+
+
+def test_a_tuned_rows_chosen_setting_and_the_learning_rate_figure_come_from_its_search(runs, tmp_path):
+    from matplotlib.image import imread
+
+    search = runs / "search" / "lora"
+    search.mkdir(parents=True)
+    trials = [{"number": 0, "params": {"train.lr": 0.0003}, "state": "complete", "value": 2.1},
+              {"number": 1, "params": {"train.lr": 0.001}, "state": "complete", "value": 1.7},
+              {"number": 2, "params": {"train.lr": 0.01}, "state": "pruned", "value": 2.3}]
+    (search / "selection.yaml").write_text(yaml.safe_dump({
+        "row": ["method.name=lora"], "objective": "target.loss", "trials": trials,
+        "chosen": {"trial": 1, "params": {"train.lr": 0.001}, "value": 1.7},
+        "counts": {"complete": 2, "pruned": 1, "fail": 0}}))
+    made = report([runs], tmp_path / "out", log_to_wandb=False)
+    line = next(line for line in made["markdown"].splitlines() if line.startswith("| lora |"))
+    assert "| lr=0.001 | 1.7000 (2 complete, 1 pruned, 0 failed) |" in line
+    sparta = next(line for line in made["markdown"].splitlines() if line.startswith("| sparta |"))
+    assert "| - | - |" in sparta  # no search chose it
+    figure = tmp_path / "out" / "learning_rate.png"
+    assert figure in made["figures"] and imread(figure)[..., :3].std() > 0.05

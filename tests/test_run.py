@@ -116,6 +116,7 @@ def test_eval_every_logs_the_validation_accuracy_of_the_model_at_that_step(tiny_
     assert expected["n"] == 30 and logged[4] == pytest.approx(expected["accuracy"])
 
 
+@pytest.mark.slow  # an lm-eval or multi-process end-to-end run (30-50 s): make test-slow
 def test_iteration_forgetting_measures_the_suite_after_every_pruning_iteration(tiny_cfg, tmp_path, private_cache):
     cfg = tiny_cfg("method=rigsa", "pruning=imp", "pruning.steps_per_iteration=1", "pruning.iterations=2",
                    "pruning.final_retrain_steps=1", "eval=offline", "eval.iteration_forgetting=true",

@@ -130,6 +130,7 @@ def test_the_optuna_search_runs_3_trials_and_returns_the_best_value(tmp_path):
     assert f"search: best {found['best_value']}" in result.stdout
 
 
+@pytest.mark.slow  # an lm-eval or multi-process end-to-end run (30-50 s): make test-slow
 def test_submitits_local_launcher_runs_a_2_job_sweep(tmp_path):
     result = rigsa_run("--multirun", "hydra/launcher=submitit_local", *SWEEP, "seed=0,1", f"run.root={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -158,6 +159,9 @@ def test_every_experiment_config_composes_with_its_command_in_the_header(experim
     check_declared(compose([f"experiment={experiment}"]))
     cfg = compose([f"experiment={experiment}"], with_hydra=True)
     params = cfg.hydra.sweeper.params
+    if experiment == "tuned_cpu":  # the tuned experiments' shared search budget: its params hold their seeds only
+        assert set(params) == {"seed"}
+        return
     if params:  # a sweep: its header names the exact command, and every job composes into its own folder
         assert f"rigsa-run --multirun experiment={experiment}\n" in text
         assert shared_folders([f"experiment={experiment}"], dict(params)) is None  # composes every job
@@ -165,6 +169,10 @@ def test_every_experiment_config_composes_with_its_command_in_the_header(experim
         assert job.run.root.startswith("runs/") and job.report.name == experiment
         if experiment.endswith("_cpu"):
             assert job.model.name == "smollm2_135m" and job.model.source == "embedded"
+        if cfg.hydra.sweeper._target_.endswith("RigsaTunedSweeper"):  # each row's method has its family's range
+            methods = {compose([f"experiment={experiment}", *row]).method.name
+                       for row in job_overrides([], {key: value for key, value in params.items() if key != "seed"})}
+            assert methods <= set(cfg.hydra.sweeper.space_by_method), methods
 
 
 def test_cpu_experiments_validate_offline_and_share_runs_with_their_siblings():

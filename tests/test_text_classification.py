@@ -23,7 +23,7 @@ HUB = Path(__file__).parent / "fixtures" / "hub"
 TINY_TEXT = [item for item in TINY if not item.startswith("task.")] + ["train.max_steps=2", "eval=target"]
 # option -> (hub fixture folder, test rows, metrics reported)
 TASKS = {"glue_sst2": ("glue", 10, 3), "glue_cola": ("glue", 10, 3), "glue_mrpc": ("glue", 10, 3),
-         "glue_qqp": ("glue", 10, 3), "glue_mnli": ("glue", 18, 1), "glue_qnli": ("glue", 10, 3),
+         "glue_qqp": ("glue", 10, 3), "glue_mnli": ("glue", 18, 3), "glue_qnli": ("glue", 10, 3),
          "glue_rte": ("glue", 10, 3), "imdb": ("imdb", 16, 3)}
 PRIMARY = {"glue_cola": "mcc", "glue_mrpc": "f1", "glue_qqp": "f1"}
 
@@ -38,7 +38,9 @@ def test_each_glue_task_and_imdb_trains_through_the_hub_code_path_and_reports_it
     target = results["target"]
     assert target["test_size"] == test_rows and results["train"]["steps"] == 2
     assert target["metric"] == PRIMARY.get(option, "accuracy")
-    assert len(target["metrics"]) == metric_count and set(target["metrics"]) <= {"accuracy", "f1", "mcc"}
+    assert len(target["metrics"]) == metric_count
+    assert set(target["metrics"]) <= ({"accuracy", "macro_f1", "confusion"} if option == "glue_mnli" else
+                                      {"accuracy", "f1", "mcc"})
     assert target["metrics"]["accuracy"] == target["accuracy"]
     assert target["train_size"] == {"glue_mrpc": 20, "imdb": 24}.get(option, 20)  # 24 rows less the dev 4
     assert sum(target["answer_counts"]) == test_rows
@@ -100,7 +102,19 @@ def test_mcc_and_f1_equal_hand_computed_values():
     assert metrics["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 2))  # 0.6
     assert metrics["mcc"] == pytest.approx((3 * 3 - 2 * 2) / np.sqrt(5 * 5 * 5 * 5))  # 0.2
     assert classification_metrics(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 0, 1]), 2)["mcc"] == 0.0
-    assert set(classification_metrics(predicted, truth, 3)) == {"accuracy"}
+
+
+
+def test_macro_f1_and_the_confusion_matrix_equal_hand_computed_values():
+    truth = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    predicted = torch.tensor([0, 1, 0, 1, 2, 2, 2, 0, 1])
+    metrics = classification_metrics(predicted, truth, 3)
+    assert metrics["confusion"] == [[2, 1, 0], [0, 1, 1], [1, 1, 2]]  # rows: true class; columns: answered
+    # class 0: tp 2, fp 1, fn 1 -> 4/6; class 1: tp 1, fp 2, fn 1 -> 2/5; class 2: tp 2, fp 1, fn 2 -> 4/7
+    assert metrics["macro_f1"] == pytest.approx((4 / 6 + 2 / 5 + 4 / 7) / 3)
+    assert metrics["accuracy"] == pytest.approx(5 / 9)
+    one_class = classification_metrics(torch.full((9,), 2), truth, 3)  # answers "2" every time
+    assert one_class["macro_f1"] == pytest.approx((2 * 4 / (9 + 4)) / 3)  # classes 0 and 1 never answered: F1 0
 
 
 # ---------------------------------------------------------------- a researcher's own data

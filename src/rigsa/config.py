@@ -83,20 +83,20 @@ class ForgettingTaskConfig:
 
 EvalConfig = declare("EvalConfig", name=str, target=bool, batch_size=int, iteration_test_size=int,
                      iteration_forgetting=bool, forgetting=List[ForgettingTaskConfig], include_path=Names, limit=Optional[float],
-                     lm_eval_batch_size=int, apply_chat_template=bool)
+                     lm_eval_batch_size=int, apply_chat_template=bool, split=str)
 LoggerConfig = declare("LoggerConfig", name=str, mode=str, project=str, entity=OptionalText, log_adapter=bool)
 
 # ---------------------------------------------------------------- top level
 TrainConfig = declare("TrainConfig", epochs=float, max_steps=int, batch_size=int, grad_accum=int, lr=float,
                       weight_decay=float, warmup_steps=int, lr_schedule=str, max_grad_norm=float, on_nonfinite=str,
-                      eval_every=int, checkpoint_every=int, max_seq_len=int, threads=int)
+                      eval_every=int, early_stopping=int, checkpoint_every=int, max_seq_len=int, threads=int)
 RunDirConfig = declare("RunDirConfig", root=str, name=str, overwrite=bool)
 ReportConfig = declare("ReportConfig", name=OptionalText, title=OptionalText, source=OptionalText, columns=Names,
                        rows=List[Any])
 ObjectiveConfig = declare("ObjectiveConfig", metric=str, forgetting_weight=float)
 RigsaConfig = declare("RigsaConfig", model=Any, method=Any, task=Any, pruning=Any, eval=Any, logger=Any, seed=int,
                       variant=OptionalText, device=str, dtype=str, train=TrainConfig, run=RunDirConfig, report=ReportConfig,
-                      objective=ObjectiveConfig)
+                      objective=ObjectiveConfig, optuna_trial=Optional[int])
 
 
 def register_schemas() -> None:

@@ -120,6 +120,34 @@ def _prepare_gsm8k(folder: Path) -> None:
     (folder / "gsm8k_eval.jsonl").write_text("\n".join(rows[GSM8K_FEWSHOT_ROWS:]) + "\n")
 
 
+PROSE_DOCUMENT_CHARS = 2000  # a prose document: whole lines of the novel, cut once it reaches this length
+
+
+def prose_documents(text: str) -> list[str]:
+    """The novel itself, from its title to "--(THE END)--" (Project Gutenberg's licence header and footer, the
+    producers' line and the transcriber's list of printed typos left out), cut at line ends into documents of about
+    PROSE_DOCUMENT_CHARS characters, in order."""
+    lines = text.lstrip("\ufeff").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("*** START OF")) + 1
+    end = next(i for i, line in enumerate(lines) if line.strip() == "--(THE END)--") + 1
+    documents, current = [], []
+    for line in lines[start:end]:
+        if line.startswith("Produced by"):
+            continue
+        current.append(line)
+        if sum(len(item) + 1 for item in current) >= PROSE_DOCUMENT_CHARS:
+            documents.append("\n".join(current))
+            current = []
+    if current:
+        documents.append("\n".join(current))
+    return documents
+
+
+def _prepare_prose(folder: Path) -> None:
+    documents = prose_documents(assets.locate("prose").read_text(encoding="utf-8"))
+    (folder / "prose_eval.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+
+
 def task_folder(suite: DictConfig) -> Path:
     """Render the shipped task templates and any local-data overrides into one include_path folder."""
     digest = hashlib.sha256(json.dumps(OmegaConf.to_container(suite.forgetting, resolve=True), sort_keys=True)
@@ -128,6 +156,8 @@ def task_folder(suite: DictConfig) -> Path:
     data_dir = writable(assets.cache_root() / "lm_eval_data")
     if not (data_dir / "gsm8k_eval.jsonl").exists():
         _prepare_gsm8k(data_dir)
+    if not (data_dir / "prose_eval.jsonl").exists() and any(task.task == "rigsa_prose_bpb" for task in suite.forgetting):
+        _prepare_prose(data_dir)
     for template in TEMPLATES.glob("*.yaml"):
         text = template.read_text().replace("__DATA_DIR__", str(data_dir))
         (folder / template.name).write_text(text.replace("__LM_EVAL_GSM8K__", str(builtin_yaml("gsm8k"))))

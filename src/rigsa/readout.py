@@ -36,6 +36,9 @@ class Readout(Protocol):
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The training loss of a batch (and the loss selection rules score on)."""
 
+    def scores_and_loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both from one forward pass (a validation measures accuracy and loss at once)."""
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters trained beside the method's (the classification head; none for answer_token)."""
 
@@ -54,8 +57,12 @@ class AnswerToken:
         return answer_logits(model, batch)[:, self.label_token_ids.to(batch["input_ids"].device)]
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        targets = self.label_token_ids.to(batch["classes"].device)[batch["classes"]]
-        return nn.functional.cross_entropy(answer_logits(model, batch), targets)
+        return self.scores_and_loss(model, batch)[1]
+
+    def scores_and_loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = answer_logits(model, batch)
+        label_ids = self.label_token_ids.to(logits.device)
+        return logits[:, label_ids], nn.functional.cross_entropy(logits, label_ids[batch["classes"]])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return []
@@ -80,7 +87,11 @@ class ClassifierHead:
         return self.head(last_hidden_state(model, batch)).float()
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.scores(model, batch), batch["classes"])
+        return self.scores_and_loss(model, batch)[1]
+
+    def scores_and_loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.scores(model, batch)
+        return scores, nn.functional.cross_entropy(scores, batch["classes"])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.head.weight]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from rigsa.report_compare import (confusion_markdown, differences_markdown, one_class_rows, read_selections,
+                                  selection_cells, selection_of)
 from rigsa.run_folder import has_checkpoint, upgraded
 
 # Config keys that do not change what a run computes (a seed is what a row averages over).
@@ -27,6 +29,7 @@ IGNORED_KEYS = {"seed", "train.threads", "eval.batch_size"}
 # column -> its table columns: (header, how to read it from results.json, scale, decimals)
 COLUMNS = {
     "accuracy": [("accuracy (%)", lambda r: (r.get("target") or {}).get("accuracy"), 100.0, 1)],
+    "macro_f1": [("macro-F1 (%)", lambda r: ((r.get("target") or {}).get("metrics") or {}).get("macro_f1"), 100.0, 1)],
     "forgetting": [("mean forgetting", lambda r: (r.get("forgetting") or {}).get("mean_forgetting"), 1.0, 4)],
     "forget_ratio": [("forget ratio", lambda r: (r.get("forgetting") or {}).get("mean_forget_ratio"), 1.0, 4)],
     "collapsed": [("collapsed", lambda r: (r.get("forgetting") or {}).get("collapsed"), 1.0, 1)],
@@ -97,7 +100,9 @@ def find_runs(folders: list[Path]) -> list[Run]:
                 runs.append(Run(run_dir, saved_config(error.get("config") or {}), None, error.get("error")))
             elif has_checkpoint(run_dir):  # started, not finished (running, or stopped: rerun to resume)
                 runs.append(Run(run_dir, saved_config(OmegaConf.load(config_path)), None))
-    return runs
+    # a tuned search's trials (measured on validation) are not methods' rows: the learning-rate figure shows them
+    return [run for run in runs if run.config.get("optuna_trial") is None
+            and run.config.get("eval.split", "test") != "validation"]
 
 
 def saved_config(config) -> dict:
@@ -107,11 +112,29 @@ def saved_config(config) -> dict:
     return flatten(upgraded(tree))
 
 
-def auto_label(config: dict, varying: list[str]) -> str:
-    if "variant" in varying and config.get("variant") is not None:
-        varying = ["variant"] + [key for key in varying if key not in ("variant", "method.name") and
-                                 not key.startswith(("method.", "pruning."))]
-    return ", ".join(f"{key}={config.get(key)}" for key in varying) or "all runs"
+# The keys that usually tell runs apart, in the order a row label names them, with their short names.
+LABEL_KEYS = {"variant": None, "method.name": None, "task.readout": "readout", "train.lr": "lr", "method.r": "r",
+              "method.budget.density": "density", "pruning.name": "pruning", "model.quantize": "quantize",
+              "model.base_dtype": "base", "train.max_steps": "steps", "dtype": "dtype"}
+
+
+def auto_label(config: dict, varying: list[str], others: list[dict] | None = None) -> str:
+    """A short row label: the variant (or method) and the few LABEL_KEYS that differ between rows, as `lr=0.001`;
+    other differing keys (by their last part) only while the label does not yet tell this row from the others."""
+    def shown(key: str) -> str:
+        value = config.get(key)
+        name = LABEL_KEYS.get(key, key.split(".")[-1])
+        return str(value) if name is None else f"{name}={value}"
+
+    chosen = [key for key in LABEL_KEYS if key in varying and config.get(key) is not None]
+    if "variant" in chosen:  # a variant names its method and settings
+        chosen = [key for key in chosen if key == "variant" or not key.startswith(("method.", "pruning."))]
+    for key in varying:
+        if others is None or not any(all(str(other.get(k)) == str(config.get(k)) for k in chosen) for other in others):
+            break
+        if key not in chosen and config.get(key) is not None:
+            chosen.append(key)
+    return ", ".join(shown(key) for key in chosen) or str(config.get("variant") or config.get("method.name") or "all runs")
 
 
 def matches(config: dict, match: dict) -> bool:
@@ -136,9 +159,11 @@ def group_rows(runs: list[Run], spec: dict | None) -> list[Row]:
         if not found:  # no run yet: the row is shown with every seed missing
             rows.append(Row(wanted.get("label") or str(wanted.get("match")), [], wanted.get("paper") or {}))
     if not (spec or {}).get("rows"):  # an experiment's rows are its table: other runs in the folder are left out
+        firsts = [members[0].config for members in groups.values()]
         for group_key, members in groups.items():
             if group_key not in placed:
-                rows.append(make_row(auto_label(members[0].config, varying), members, {}))
+                others = [config for config in firsts if config is not members[0].config]
+                rows.append(make_row(auto_label(members[0].config, varying, others), members, {}))
     return rows
 
 
@@ -236,36 +261,73 @@ def experiment_spec(name: str) -> dict:
 
 
 def report(folders: list[Path], out: Path, experiment: str | None = None, log_to_wandb: bool = True) -> dict:
-    """Write report.md, report.csv and the figures to `out`; returns {markdown, records, figures}."""
-    from rigsa.report_figures import write_figures
-
+    """Write report.md, report.csv and the figures to `out`: one table (and figure set) per task and model the runs
+    cover; returns {markdown, records, figures}."""
     runs = find_runs(folders)
     if not runs:
         raise ReportError(f"no finished or failed runs under {', '.join(map(str, folders))}. Fix: pass the folder "
                           "holding the run folders (a sweep's run.root), after the runs have finished")
     spec = experiment_spec(experiment) if experiment else shared_spec(runs)
+    selections = read_selections(folders)
+    by_setting: dict[tuple, list[Run]] = {}
+    for run in runs:
+        by_setting.setdefault((str(run.config.get("task.name")), str(run.config.get("model.name"))), []).append(run)
+    out.mkdir(parents=True, exist_ok=True)
+    texts, records, figures, tables = [], [], [], []
+    for (task, model), members in sorted(by_setting.items()):
+        name = "" if len(by_setting) == 1 else f"{task}-{model}"
+        text, rows_records, made, table_cells = setting_report(members, spec, selections, out, name,
+                                                               f" ({task} on {model})" if name else "")
+        texts.append(text)
+        records += [{"task": task, "model": model, **record} for record in rows_records]
+        figures += made
+        tables.append(table_cells)
+    text = "\n".join(texts)
+    (out / "report.md").write_text(text)
+    with open(out / "report.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for record in records for key in record)))
+        writer.writeheader()
+        writer.writerows(records)
+    if log_to_wandb and any((run.folder / "wandb_id.txt").exists() for run in runs):
+        log_wandb_table(runs, spec, *tables[0])
+    return {"markdown": text, "records": records, "figures": figures}
+
+
+def setting_report(runs: list[Run], spec: dict | None, selections: list[dict], out: Path, name: str,
+                   subtitle: str) -> tuple[str, list[dict], list[Path], tuple]:
+    """One task on one model: the table (with each row's tuned setting when a search chose it), the differences
+    against the first row, the flags, the confusion matrices and the figures."""
+    from rigsa.report_figures import write_figures
+
     rows = group_rows(runs, spec)
     reported = [run for row in rows for run in row.runs + row.failed]
     expected = set((spec or {}).get("seeds") or []) or {run.seed for run in reported}
     base = base_row(reported)
     shown = rows + ([base] if base else [])
     columns = list((spec or {}).get("columns") or ["accuracy", "forgetting", "trainable"])
+    if "macro_f1" not in columns and any(row.values(COLUMNS["macro_f1"][0][1], 1.0) for row in rows):
+        columns.insert(1, "macro_f1")  # more than two classes: accuracy alone hides a one-class answerer
     headers, cells, records = table(shown, columns, expected)
-    title = (spec or {}).get("title") or "rigsa runs"
+    chosen = {row.label: selection_of(row, selections) for row in rows}
+    if any(chosen.values()):
+        headers[-1:-1] = ["tuned setting", "search's best validation score"]
+        for line, record, row in zip(cells, records, shown):
+            setting, best = selection_cells(chosen.get(row.label))
+            line[-1:-1] = [setting, best]
+            record["tuned setting"], record["search best"] = setting, best
+    title = ((spec or {}).get("title") or "rigsa runs") + subtitle
     text = markdown(title, (spec or {}).get("source"), headers, cells, rows)
     if len(reported) < len(runs):
-        other = len(runs) - len(reported)
-        text += f"\n{other} other runs under {', '.join(map(str, folders))} are not in this table.\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(text)
-    with open(out / "report.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-    figures = write_figures(rows, base, out)
-    if log_to_wandb and any((run.folder / "wandb_id.txt").exists() for run in runs):
-        log_wandb_table(runs, spec, headers, cells)
-    return {"markdown": text, "records": records, "figures": figures}
+        text += f"\n{len(runs) - len(reported)} other runs here are not in this table.\n"
+    text += "\n" + differences_markdown(rows)
+    flagged = one_class_rows(shown)
+    if flagged:
+        text += ("\nAnswers one class for every example (its accuracy is that class's share, not learning): "
+                 + "; ".join(flagged) + "\n")
+    text += confusion_markdown(shown)
+    folder = out / name if name else out
+    folder.mkdir(parents=True, exist_ok=True)
+    return text, records, write_figures(rows, base, folder, selections), (headers, cells)
 
 
 def shared_spec(runs: list[Run]) -> dict | None:

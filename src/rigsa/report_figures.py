@@ -1,5 +1,7 @@
-"""rigsa-report's figures (matplotlib, PNG): accuracy and forgetting per pruning iteration with error bars (the
-RIGSA paper's Figure 2), accuracy against trainable parameters (its Figure 4), forgetting per method."""
+"""rigsa-report's figures (matplotlib, PNG): the learning-forgetting plane (the headline), the tuned searches'
+validation score against the learning rate, accuracy and forgetting per pruning iteration with error bars (the
+RIGSA paper's Figure 2), accuracy against trainable parameters (its Figure 4), forgetting per method. Legends sit
+beside the plots, so they never cover a point."""
 from __future__ import annotations
 
 import statistics
@@ -9,6 +11,16 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def readable_log_x(axis, values: list[float]) -> None:
+    """A log x axis whose tick labels do not run into each other: minor ticks unlabelled when the values span more
+    than a decade (matplotlib labels them then, and they overlap)."""
+    from matplotlib.ticker import NullFormatter
+
+    axis.set_xscale("log")
+    if values and max(values) > 10 * min(values):
+        axis.xaxis.set_minor_formatter(NullFormatter())
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -66,10 +78,10 @@ def iterations_figure(rows, base, path: Path) -> bool:
         axis.set_xticks(range(len(phases)), phases, rotation=30, ha="right")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the plots, never over them
     figure.suptitle("after each pruning iteration (mean ± std over seeds)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return True
 
@@ -85,13 +97,13 @@ def accuracy_vs_trainable_figure(rows, path: Path) -> bool:
         mean, std = spread([value * 100 for value in accuracy])
         axis.errorbar(statistics.fmean(trainable), mean, yerr=std, marker="o", capsize=3, linestyle="none",
                       label=row.label)
-    axis.set_xscale("log")
+    readable_log_x(axis, [value for _, trainable, _ in points for value in trainable])
     axis.set_xlabel("trainable parameters")
     axis.set_ylabel("test accuracy (%)")
     axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return True
 
@@ -113,10 +125,77 @@ def forgetting_figure(rows, path: Path) -> bool:
     return True
 
 
-def write_figures(rows, base, out: Path) -> list[Path]:
+def learning_forgetting_figure(rows, base, path: Path) -> bool:
+    """The headline: target accuracy against mean forgetting, every seed a small point, each method's mean ± std
+    over seeds a large one with error bars on both axes; up and to the left is better."""
+    points = [(row, final_values(row, forgetting_of), final_values(row, accuracy_of)) for row in rows]
+    points = [(row, forgets, learns) for row, forgets, learns in points if forgets and len(forgets) == len(learns)]
+    if not points:
+        return False
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    for number, (row, forgets, learns) in enumerate(points):
+        color = f"C{number % 10}"
+        axis.scatter(forgets, [value * 100 for value in learns], color=color, alpha=0.45, s=18)
+        (x, x_std), (y, y_std) = spread(forgets), spread([value * 100 for value in learns])
+        axis.errorbar(x, y, xerr=x_std, yerr=y_std, color=color, marker="o", markersize=8, capsize=3,
+                      label=f"{row.label} (n={len(forgets)})")
+    if base is not None and base.runs:
+        axis.axhline(base.runs[0].results["target"]["accuracy"] * 100, color="gray", linestyle=":",
+                     label="base model")
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("mean forgetting over the suite (positive = worse)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title("learning against forgetting (points: seeds; bars: mean ± std)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the plot, never over it
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return True
+
+
+def learning_rate_figure(selections: list[dict], path: Path) -> bool:
+    """Each tuned search's trials: the validation score against the learning rate, one curve per row (log x);
+    pruned trials hollow at their last score, the chosen one ringed."""
+    curves = []
+    for selection in selections:
+        trials = [trial for trial in selection["trials"] if "train.lr" in (trial.get("params") or {})
+                  and isinstance(trial.get("value"), (int, float)) and trial.get("state") in ("complete", "pruned")]
+        if trials:
+            curves.append((Path(selection["path"]).parent.name, selection, sorted(
+                trials, key=lambda trial: float(trial["params"]["train.lr"]))))
+    if not curves:
+        return False
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    for number, (label, selection, trials) in enumerate(curves):
+        color = f"C{number % 10}"
+        rates = [float(trial["params"]["train.lr"]) for trial in trials]
+        values = [float(trial["value"]) for trial in trials]
+        axis.plot(rates, values, color=color, alpha=0.6, label=label)
+        for rate, value, trial in zip(rates, values, trials):
+            axis.scatter(rate, value, color=color, facecolors=color if trial["state"] == "complete" else "none", s=28)
+        chosen = (selection.get("chosen") or {}).get("params", {}).get("train.lr")
+        if chosen is not None:
+            axis.scatter(float(chosen), selection["chosen"]["value"], color=color, s=140, facecolors="none",
+                         linewidths=1.5)
+    readable_log_x(axis, [float(trial["params"]["train.lr"]) for _, _, trials in curves for trial in trials])
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel(f"validation {curves[0][1].get('objective', 'score')}")
+    axis.set_title("learning-rate search per method (hollow: pruned; ringed: chosen)")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return True
+
+
+def write_figures(rows, base, out: Path, selections: list[dict] | None = None) -> list[Path]:
     """The figures the runs have data for; returns their paths."""
     made = []
-    for name, draw in (("iterations.png", lambda p: iterations_figure(rows, base, p)),
+    for name, draw in (("learning_forgetting.png", lambda p: learning_forgetting_figure(rows, base, p)),
+                       ("learning_rate.png", lambda p: learning_rate_figure(selections or [], p)),
+                       ("iterations.png", lambda p: iterations_figure(rows, base, p)),
                        ("accuracy_vs_trainable.png", lambda p: accuracy_vs_trainable_figure(rows, p)),
                        ("forgetting.png", lambda p: forgetting_figure(rows, p))):
         if draw(out / name):

@@ -20,10 +20,12 @@ from rigsa.readout import Readout, build_readout
 from rigsa.sparse.engine import merge_all, unmerge_all
 from rigsa.sparse.schedule import phases
 from rigsa.sparse.targets import check_targets
-from rigsa.tasks import build_task
+from rigsa.tasks import build_task, test_set_key
 from rigsa.tracking import Tracker
 from rigsa.train import micro_batch_indices, train
+from rigsa.tuning import trial_reporter
 from rigsa.validate import validate
+from rigsa.vocabulary import fail
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +98,17 @@ def calibration_batches(data, cfg: DictConfig, device: torch.device):
         yield {key: value.to(device) for key, value in data.train.batch(indices).items()}
 
 
+def target_split(data, cfg: DictConfig):
+    """The split the target score is measured on (eval.split): the test split, or for a tuned search's trials the
+    validation split, the test split then never read."""
+    return data.val if cfg.eval.split == "validation" else data.test
+
+
 def accuracy_on_test(model, data, readout: Readout, cfg: DictConfig, device: torch.device, limit: int = 0) -> dict:
-    return target_accuracy(model, data.test, readout, cfg.eval.batch_size, device, cfg.dtype, limit)
+    """The target score on eval.split (the test split unless a search measures on validation), and on the validation
+    split also the mean loss there: the search's default objective."""
+    return target_accuracy(model, target_split(data, cfg), readout, cfg.eval.batch_size, device, cfg.dtype, limit,
+                           with_loss=cfg.eval.split == "validation")
 
 
 def summarize(suite: dict) -> str:
@@ -139,6 +150,7 @@ class Training:
     iterations: list[dict]  # one row per phase when the schedule has several: the RIGSA paper's Figure 2
     adapted: dict | None  # the final model's accuracy on the whole test set (None with eval.target=false)
     memory: dict  # the largest gradient_bytes and optimizer_state_bytes of any phase
+    early_stopping: dict | None = None  # the best step and its validation loss, where it stopped (train.early_stopping)
 
 
 def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig, device: torch.device,
@@ -149,13 +161,14 @@ def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig,
     forgetting is the run's own); and measure the final model on the whole test set (reusing the last
     phase's measurement when no prune followed it)."""
     schedule = phases(cfg.pruning, cfg.train, len(data.train))
+    report_validation = trial_reporter(cfg.run.root, cfg.optuna_trial)
     iterations, resumed, offset, seconds, tokens, adapted, skipped, memory = [], {}, 0, 0.0, 0, None, 0, {}
     for number, phase in enumerate(schedule):
         last = number + 1 == len(schedule)
         result = train(model, method, data, cfg.train, readout=readout, seed=cfg.seed, device=device,
                        dtype=cfg.dtype, log_metrics=tracker.log, eval_batch_size=cfg.eval.batch_size,
                        checkpoint_path=checkpoints.phase_path(run_dir, phase.name), steps=phase.steps,
-                       step_offset=offset, desc=phase.name)
+                       step_offset=offset, desc=phase.name, on_validation=report_validation)
         offset, seconds, tokens = offset + phase.steps, seconds + result.seconds, tokens + result.tokens
         resumed[phase.name], skipped = result.resumed_from, skipped + result.skipped_steps
         memory = {key: max(value, memory.get(key, 0)) for key, value in result.memory.items()}
@@ -175,7 +188,10 @@ def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig,
             adapted = None  # measured before this prune
     if cfg.eval.target and adapted is None:
         adapted = accuracy_on_test(model, data, readout, cfg, device)
-    return Training(offset, seconds, tokens, result.final_loss, resumed, skipped, iterations, adapted, memory)
+    if result.early_stopping is not None:  # a single phase (early stopping refuses a pruning schedule)
+        offset = result.steps
+    return Training(offset, seconds, tokens, result.final_loss, resumed, skipped, iterations, adapted, memory,
+                    result.early_stopping)
 
 
 def adapted_forgetting(model, tokenizer, cfg: DictConfig, device: torch.device, base_suite: dict,
@@ -204,6 +220,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     # The task's data is read and checked (columns, labels, empty splits) before the folder or the model is touched
     tokenizer = models.load_tokenizer(cfg.model)
     data = build_task(cfg.task, tokenizer, cfg.train.max_seq_len)
+    for key, value, needs in (("train.early_stopping", cfg.train.early_stopping, cfg.train.early_stopping > 0),
+                              ("eval.split", cfg.eval.split, cfg.eval.split == "validation")):
+        if needs and not len(data.val):
+            fail(key, value, f"a task with a validation split (task={cfg.task.name} has none here)",
+                 "give the task a validation split (e.g. task.val_size=200, or task.splits.dev)")
     if data.dropped_train:
         log.warning("dropped %d training examples longer than task.max_prompt_tokens=%d", data.dropped_train,
                     cfg.task.max_prompt_tokens)
@@ -255,14 +276,16 @@ def measure_base(cfg: DictConfig, base: Base, data, device: torch.device) -> Bas
     target = suite = None
     readout = base.readout
     if cfg.eval.target:
-        key = {"model": base.fingerprint, "task": data.test_key, "dtype": cfg.dtype, "readout": readout.kind,
+        split = target_split(data, cfg)
+        task_key = data.test_key if split is data.test else {"validation": test_set_key(split, data.label_words)}
+        key = {"model": base.fingerprint, "task": task_key, "dtype": cfg.dtype, "readout": readout.kind,
                "head": models.hash_tensors((str(n), p) for n, p in enumerate(readout.trainable_parameters()))}
-        target, _ = timed(lambda r: f"base model: test {data.metric} {r['metrics'][data.metric]:.4f} on {r['n']} "
+        target, _ = timed(lambda r: f"base model: {cfg.eval.split} {data.metric} {r['metrics'][data.metric]:.4f} on {r['n']} "
                                     f"examples ({readout.kind} readout)",
                           lambda: cached("base_target", key,
                                          lambda: base.on_device(lambda: accuracy_on_test(base.model, data, readout, cfg,
                                                                                          device)),
-                                         check=lambda r: accuracy_problem(r, len(data.test), readout.num_classes)))
+                                         check=lambda r: accuracy_problem(r, len(split), readout.num_classes)))
     if cfg.eval.forgetting:
         suite, _ = timed(lambda r: f"base model, eval={cfg.eval.name}: {summarize(r)}",
                          lambda: forgetting.base_scores(base.model, base.tokenizer, cfg.eval, device, cfg.dtype,
@@ -351,13 +374,14 @@ def record(cfg: DictConfig, method: Method, base: Base, scores: BaseScores, adap
                    "metric": data.metric, "base_metrics": target and target["metrics"],
                    "metrics": final and final["metrics"], "readout": readout.kind,
                    "head_params": adapted.head_params, "label_words": data.label_words,
-                   "test_size": len(data.test), "train_size": len(data.train), "dropped_train": data.dropped_train,
+                   "split": cfg.eval.split, "loss": final and final.get("loss"),
+                   "test_size": len(target_split(data, cfg)), "train_size": len(data.train), "dropped_train": data.dropped_train,
                    "base_answer_counts": target and target["answer_counts"],
                    "answer_counts": final and final["answer_counts"]},
         "train": {"steps": training.steps, "seconds": training.seconds, "tokens": training.tokens,
                   "tokens_per_second": training.tokens / training.seconds if training.seconds else 0.0,
                   "final_loss": training.final_loss, "resumed_from_step": training.resumed_from_step,
-                  "skipped_steps": training.skipped_steps},
+                  "skipped_steps": training.skipped_steps, "early_stopping": training.early_stopping},
         "pruning": cfg.pruning.name, "sparse": method.stats() or None, "iterations": training.iterations,
         "forgetting": forgetting_results,
         "peak_memory_bytes": peak_memory_bytes(device), "peak_memory_scope": peak_memory_scope,
@@ -367,8 +391,8 @@ def record(cfg: DictConfig, method: Method, base: Base, scores: BaseScores, adap
     }
     tracker.finish(results, adapter_dir, cfg.logger.log_adapter)
     if final is not None:
-        print(f"{method.name} on {cfg.task.name}: test {data.metric} {target['metrics'][data.metric]:.4f} (base) -> "
-              f"{final['metrics'][data.metric]:.4f} (adapted) on {len(data.test)} examples; trained {training.steps} "
+        print(f"{method.name} on {cfg.task.name}: {cfg.eval.split} {data.metric} {target['metrics'][data.metric]:.4f} (base) -> "
+              f"{final['metrics'][data.metric]:.4f} (adapted) on {len(target_split(data, cfg))} examples; trained {training.steps} "
               f"steps in {training.seconds / 60:.1f} min ({results['train']['tokens_per_second']:.0f} tokens/s)")
     print(f"results: {run_dir / 'results.json'}")
     return results

@@ -27,7 +27,8 @@ from rigsa.vocabulary import ConfigError
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption without changing what is computed.
-RESUMABLE_KEYS = ("logger", "train.threads", "eval.batch_size", "run.overwrite", "report", "objective")
+# optuna_trial says where a run reports its validation losses, not what it computes
+RESUMABLE_KEYS = ("logger", "train.threads", "eval.batch_size", "run.overwrite", "report", "objective", "optuna_trial")
 LOCK_FILE = ".lock"
 RUN_FILES = ("checkpoint", "adapter", "metrics.jsonl", "results.json", "wandb_id.txt", "wandb", "error.json")
 
@@ -41,7 +42,8 @@ class RunFolderBusy(RuntimeError):
 # Each: (the value in effect before the key existed, a key beside it that a node must hold to get it, or None).
 # task.max_test_size belongs to the text-classification family, whose nodes hold max_train_size.
 ADDED_KEYS = {"model.base_dtype": ("float32", None), "model.quantize": (None, None),
-              "task.max_test_size": (0, "max_train_size")}
+              "task.max_test_size": (0, "max_train_size"), "train.early_stopping": (0, None),
+              "eval.split": ("test", None)}
 # LoRA's 4-bit settings before method=qlora became LoRA with model.quantize (their value then moved there).
 MOVED_LORA_KEYS = ("load_in_4bit", "quant_type", "compute_dtype")
 

@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 SWEEP_LOG_ENV = "RIGSA_SWEEP_LOG"
 ERROR_FILE = "error.json"
 # busy: another process holds the job's folder (a sibling sweep sharing run.root): left to it, no error written.
-OUTCOMES = ("done", "resumed", "finished before", "failed", "busy")
+# pruned: a tuned search's trial its pruner stopped early (hydra/sweeper=rigsa_tuned), recorded in its folder.
+OUTCOMES = ("done", "resumed", "finished before", "failed", "busy", "pruned")
+PRUNED = "pruned"  # what a pruned trial returns to the sweeper
 
 
 def objective_value(results: dict, objective: DictConfig) -> float:
@@ -70,7 +72,7 @@ def record(run_dir: Path, outcome: str, reason: str | None = None, objective: fl
         handle.write(line + "\n")
 
 
-def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:
+def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | str:
     """One job of `rigsa-run`; returns the objective. A single run lets errors through (the CLI turns them into
     exit codes); in a sweep every error is written to the job's folder and the sweep goes on."""
     from rigsa import run_folder
@@ -89,6 +91,15 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:
     except Exception as error:
         if not in_sweep:
             raise
+        if type(error).__name__ == "TrialPruned":  # optuna's: the search's pruner stopped this trial
+            from rigsa.cache import write_text_atomically
+            from rigsa.tuning import PRUNED_FILE
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(run_dir / PRUNED_FILE, json.dumps({"reason": str(error)}))
+            record(run_dir, "pruned", str(error))
+            print(f"rigsa-run: job {run_dir}: {error}", file=sys.stderr)
+            return PRUNED
         write_error(run_dir, error, cfg)
         record(run_dir, "failed", one_line(error))
         print(f"rigsa-run: job {run_dir} failed: {one_line(error)}", file=sys.stderr)

@@ -23,6 +23,7 @@ from transformers import get_scheduler
 
 from rigsa import checkpoints
 from rigsa.adapters import HEAD_NAME
+from rigsa.early_stopping import EarlyStopping, best_path
 from rigsa.evaluate import autocast, target_accuracy
 from rigsa.memory import training_bytes
 
@@ -47,6 +48,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient (train.on_nonfinite=skip_step)
     memory: dict = field(default_factory=dict)  # gradient_bytes, optimizer_state_bytes (rigsa.memory.training_bytes)
+    early_stopping: dict | None = None  # best step and validation loss, where it stopped (train.early_stopping)
 
     @property
     def tokens_per_second(self) -> float:
@@ -93,14 +95,17 @@ def trained_parameters_by_name(model: nn.Module, method, readout) -> dict[str, n
 def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, seed: int, device: torch.device,
           dtype: str,
           checkpoint_path: Path, log_metrics: Callable[[dict, int], None], eval_batch_size: int,
-          steps: int | None = None, step_offset: int = 0, desc: str = "train") -> TrainResult:
+          steps: int | None = None, step_offset: int = 0, desc: str = "train",
+          on_validation: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train the method's parameters (and the readout's head, if any) on data.train with the readout's loss;
     checkpoint to `checkpoint_path`; resume from it.
 
     `method` (rigsa.methods.Method) gives the AdamW parameter groups and `after_step(global_step,
     optimizer, batch, steps_per_epoch) -> metrics`, run after every optimizer step (SNIP re-selection).
     `steps` defaults to the train config's budget; `step_offset` numbers the steps of a later phase
-    after the earlier ones (logging and data order continue)."""
+    after the earlier ones (logging and data order continue). Every `train.eval_every` steps the validation
+    accuracy and loss are logged and the loss is given to `on_validation(global step, loss)` (a tuned search's
+    pruner, which may raise to stop the trial) and to early stopping (`train.early_stopping`)."""
     steps = total_steps(train_cfg, len(data.train)) if steps is None else steps
     parameters = trained_parameters_by_name(model, method, readout)
     groups = method.param_groups(train_cfg.weight_decay)
@@ -114,10 +119,13 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, see
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     epoch_steps = steps_per_epoch(train_cfg, len(data.train))
     start, tokens_before, seconds_before, loss_value, skipped = 0, 0, 0.0, float("nan"), 0
+    stopper = EarlyStopping(train_cfg.early_stopping, best_path(checkpoint_path)) if train_cfg.early_stopping else None
     if checkpoint_path.exists():
         state = checkpoints.load(checkpoint_path, parameters, optimizer, scheduler, model)
         start, tokens_before, seconds_before = state["step"], state["tokens"], state["seconds"]
         loss_value, skipped = state["loss"], state["skipped_steps"]
+        if stopper is not None and state.get("early_stopping"):
+            stopper.restore_state(state["early_stopping"])
         if scaler.is_enabled() and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d/%d", checkpoint_path, start, steps)
@@ -125,7 +133,8 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, see
     tokens, losses, zero_gradient_run = tokens_before, [], 0
     clock = time.perf_counter()
     progress = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0)
-    for step in range(start, steps):
+    last = start if stopper is None or stopper.stopped_at is None else steps  # a run that stopped early stays stopped
+    for step in range(last, steps):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(train_cfg.grad_accum):
@@ -174,26 +183,45 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, see
                    "train/tokens_per_second": tokens / seconds if seconds else 0.0, **extra}
         if skipped:
             metrics["train/skipped_steps"] = skipped
+        stop = False
         if train_cfg.eval_every and done % train_cfg.eval_every == 0 and len(data.val):
-            val = target_accuracy(model, data.val, readout, eval_batch_size, device, dtype)
-            metrics["val/accuracy"] = val["accuracy"]
+            val = target_accuracy(model, data.val, readout, eval_batch_size, device, dtype, with_loss=True)
+            metrics["val/accuracy"], metrics["val/loss"] = val["accuracy"], val["loss"]
             model.train()
+            if on_validation is not None:
+                on_validation(step_offset + done, metrics["val/loss"])
+            if stopper is not None:
+                stop = stopper.observe(step_offset + done, metrics["val/loss"], lambda path: checkpoints.save(
+                    path, done, parameters, optimizer, scheduler, model, {"global_step": step_offset + done}))
         log_metrics(metrics, step_offset + done)
         progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{metrics['train/lr']:.2e}",
                              tok_s=f"{metrics['train/tokens_per_second']:.0f}", refresh=False)
         progress.update(1)
-        if (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == steps:
+        if (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == steps or stop:
             if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters.values()):
                 raise diverged(step_offset + done, step_loss, grad_norm, loss_value, train_cfg, checkpoint_path,
                                "the trained values became non-finite")
             checkpoints.save(checkpoint_path, done, parameters, optimizer, scheduler, model,
                              {"tokens": tokens, "seconds": seconds_before + time.perf_counter() - clock,
                               "global_step": step_offset + done, "loss": loss_value, "skipped_steps": skipped,
-                              "scaler": scaler.state_dict()})
+                              "scaler": scaler.state_dict(),
+                              **({"early_stopping": stopper.state()} if stopper is not None else {})})
+        if stop:
+            log.info("early stopping at step %d: no lower validation loss for %d validations; restoring step %d "
+                     "(validation loss %.4f)", step_offset + done, stopper.patience, stopper.best_step,
+                     stopper.best_loss)
+            break
     progress.close()
     seconds = seconds_before + time.perf_counter() - clock
-    return TrainResult(steps=steps, seconds=seconds, tokens=tokens, final_loss=loss_value, resumed_from=start,
-                       losses=losses, skipped_steps=skipped, memory=training_bytes(parameters.values(), optimizer))
+    trained = steps
+    if stopper is not None:
+        if stopper.best_step:  # the best step's tensors and positions (its optimizer state too: training is over)
+            checkpoints.load(stopper.best_path, parameters, optimizer, scheduler, model)
+        if stopper.stopped_at is not None:
+            trained = stopper.stopped_at - step_offset
+    return TrainResult(steps=trained, seconds=seconds, tokens=tokens, final_loss=loss_value, resumed_from=start,
+                       losses=losses, skipped_steps=skipped, memory=training_bytes(parameters.values(), optimizer),
+                       early_stopping=stopper.summary() if stopper is not None else None)
 
 
 def gradient_norm(parameters: dict[str, nn.Parameter], max_norm: float) -> float:

@@ -77,6 +77,19 @@ def validate(cfg: DictConfig):
                 "train.eval_every", "train.checkpoint_every", "train.threads", "train.max_grad_norm",
                 "eval.iteration_test_size"):
         check_positive(cfg, key, allow_zero=True)
+    check_positive(cfg, "train.early_stopping", allow_zero=True)
+    if cfg.train.early_stopping and not cfg.train.eval_every:
+        fail("train.eval_every", 0, f"> 0 with train.early_stopping={cfg.train.early_stopping} (its patience counts "
+             "validations, one every train.eval_every steps)", "pass train.eval_every=25")
+    if cfg.train.early_stopping and cfg.pruning.name != "none":
+        fail("train.early_stopping", cfg.train.early_stopping, f"0 with pruning={cfg.pruning.name}: each phase ends in "
+             "a prune of what it trained, so a phase's best step would be undone by the prune after it",
+             "pass train.early_stopping=0, or pruning=none")
+    if cfg.eval.split not in ("test", "validation"):
+        fail("eval.split", cfg.eval.split, "test or validation", "pass eval.split=test")
+    if cfg.optuna_trial is not None and cfg.optuna_trial < 0:
+        fail("optuna_trial", cfg.optuna_trial, "null, or a trial number >= 0 (set by hydra/sweeper=rigsa_tuned)",
+             "pass optuna_trial=null")
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         fail("train.epochs", 0, "train.epochs > 0 or train.max_steps > 0", "pass train.max_steps=100")
     if cfg.train.lr_schedule not in ("cosine", "linear", "constant"):

@@ -276,10 +276,28 @@ def test_a_dense_delta_of_the_wrong_shape_is_refused(tmp_path):
     from rigsa.adapters.write import write_dense
     from rigsa.cache import UnreadableFile
 
-    write_dense({"model.layers.0.mlp.up_proj.dense_delta": torch.ones(1)}, tmp_path / "adapter", {"method": "rigsa"})
     model, _ = load_model(compose(["model=tiny"]).model, 0)
+    write_dense({"model.layers.0.mlp.up_proj.dense_delta": torch.ones(1)}, tmp_path / "adapter", {"method": "rigsa"},
+                model)
     with pytest.raises(UnreadableFile, match=r"up_proj's delta is \(1,\), not its weight's"):
         apply_adapter(model, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("option,overrides", [("rigsa", []), ("head", [])])
+def test_a_dense_adapter_is_refused_on_another_base_and_accepted_on_its_own(option, overrides, tiny_data, tmp_path):
+    """RIGSA before its first prune (or with pruning=none) and the head alone save dense adapters; each records its
+    base's fingerprint, so another base (here the tiny model of another seed) is refused. (Full fine-tuning of the
+    tiny model replaces every parameter: its adapter is the whole model, whatever base it lands on.)"""
+    from rigsa.adapters import AdapterMismatch
+    from rigsa.adapters.read import read_adapter
+
+    cfg, _, trained = trained_and_saved(option, overrides, None, tiny_data, tmp_path)
+    assert read_adapter(tmp_path / "adapter").base_fingerprint
+    other, _ = load_model(cfg.model, 1)  # the same shapes, other weights
+    with pytest.raises(AdapterMismatch, match="trained on a different base model"):
+        apply_adapter(other, tmp_path / "adapter")
+    own, _ = load_model(cfg.model, 0)
+    torch.testing.assert_close(logits(apply_adapter(own, tmp_path / "adapter")), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_rigsa_apply_refuses_an_output_that_exists_and_writes_nothing(trained, tmp_path, capsys):

@@ -89,6 +89,7 @@ def test_fewshot_pool_is_never_evaluated(tmp_path):
     assert len(pool) == 50 and len(evaluated) == 1319 - 50 and not set(pool) & set(evaluated)
 
 
+@pytest.mark.slow  # a multi-process or lm-eval end-to-end run (15-40 s): make test-slow
 def test_paper_shaped_fixtures_run_through_the_builtin_tasks():
     model, tokenizer = tiny()
     # exactly what a user types to point the paper suite at local files of the same shape

@@ -337,6 +337,7 @@ method.save(__import__("pathlib").Path({out!r}))
 """
 
 
+@pytest.mark.slow  # a multi-process or lm-eval end-to-end run (15-40 s): make test-slow
 def test_7_saved_peft_adapter_files_are_byte_stable_across_processes(tmp_path):
     tests = os.path.dirname(__file__)
     jobs = [subprocess.Popen([sys.executable, "-c", SAVE_LORA.format(tests=tests, out=str(tmp_path / seed))],

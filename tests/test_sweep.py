@@ -31,6 +31,7 @@ def sweep_log(root: Path) -> list[dict]:
     return read_log(newest)
 
 
+@pytest.mark.slow  # a multi-process or lm-eval end-to-end run (15-40 s): make test-slow
 def test_a_2x2_sweep_finishes_and_a_resubmission_recomputes_nothing(tmp_path):
     arguments = ["--multirun", *SWEEP, "method=lora,dora", "seed=0,1", f"run.root={tmp_path}"]
     first = rigsa_run(*arguments)
@@ -54,16 +55,20 @@ def test_a_2x2_sweep_finishes_and_a_resubmission_recomputes_nothing(tmp_path):
 
 def test_a_job_with_a_bad_value_fails_alone_and_the_others_finish(tmp_path):
     result = rigsa_run("--multirun", *SWEEP, "train.lr=1e-3,-1,2e-3", "run.name=lr${train.lr}", f"run.root={tmp_path}")
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 1, result.stderr[-2000:]  # a sweep that did not do all it was asked is not a success
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"rigsa-run: error: 1 sweep job(s) failed: {tmp_path / 'lr-1.0'}. Fix what their error.json says and resubmit "
+        "the same command (finished jobs are not recomputed)")
     assert (tmp_path / "lr0.001" / "results.json").exists() and (tmp_path / "lr0.002" / "results.json").exists()
     error = json.loads((tmp_path / "lr-1.0" / "error.json").read_text())
     assert error["error"].startswith("ConfigError: train.lr=-1.0 is invalid: expected a number > 0")
     assert error["config"]["train"]["lr"] == -1.0  # the report places the failure in its row
     assert not (tmp_path / "lr-1.0" / "results.json").exists()
-    assert "sweep: 3 jobs: 2 done, 0 resumed, 0 finished before, 1 failed, 0 busy" in result.stdout
+    assert "sweep: 3 jobs: 2 done, 0 resumed, 0 finished before, 1 failed, 0 busy, 0 pruned" in result.stdout
     assert f"failed          {tmp_path / 'lr-1.0'}: ConfigError: train.lr=-1.0 is invalid" in result.stdout
 
 
+@pytest.mark.slow  # a multi-process or lm-eval end-to-end run (15-40 s): make test-slow
 def test_a_job_whose_folder_another_process_holds_is_left_to_it_and_reported_busy(tmp_path):
     from rigsa.run_folder import claimed
 
@@ -111,6 +116,7 @@ def test_peak_memory_is_reset_per_job():
     assert resident_peak_bytes() < high - 48 * 2**20  # the previous job's 64 MiB no longer counts
 
 
+@pytest.mark.slow  # a multi-process or lm-eval end-to-end run (15-40 s): make test-slow
 def test_the_optuna_search_runs_3_trials_and_returns_the_best_value(tmp_path):
     # the objective is the final training loss (it differs between trials; the tiny model's accuracy does not)
     result = rigsa_run("--multirun", "hparams_search=lora_lr", *SWEEP, "hydra.sweeper.n_trials=3",

@@ -145,6 +145,7 @@ def test_the_resume_step_is_the_latest_global_step_read_without_loading_tensors(
     assert checkpoints.resume_step(tmp_path / "nothing") == 0
 
 
+@pytest.mark.slow  # a multi-process or lm-eval end-to-end run (15-40 s): make test-slow
 def test_float16_scales_the_loss_skips_overflowed_steps_and_resumes_with_the_scale(tiny_data, tmp_path, monkeypatch):
     """#12: float16 had no GradScaler. At a loss scale of 2**24 the float16 backward overflows: those steps are
     skipped and the scale halves until it fits, and training goes on; the scale is in the checkpoint."""

@@ -15,10 +15,13 @@ from rigsa.cache import UnreadableFile
 from rigsa.config import CONF_DIR, check_declared, compose, options, unknown_key_message  # registers the resolvers
 from rigsa.forgetting import HubUnreachable
 from rigsa.run_folder import RunFolderBusy
-from rigsa.vocabulary import ConfigError
+from rigsa.vocabulary import ConfigError, EnvironmentFault, environment_fault
 
 # Exit codes: 2 = refused (a bad value, a missing asset or hub, an unreadable file, a busy run folder;
-# nothing was written), 1 = the run failed (e.g. training diverged; the last good checkpoint stays).
+# nothing was written), 1 = the run failed (e.g. training diverged; the last good checkpoint stays), or a sweep
+# had a job that failed (the summary names it), 4 = the machine stopped it (a full disk, a read-only or forbidden
+# folder: rigsa.vocabulary.EnvironmentFault; what was written stays).
+EXIT_FAILED, EXIT_REFUSED, EXIT_ENVIRONMENT = 1, 2, 4
 REFUSED = (ConfigError, AssetError, HubUnreachable, UnreadableFile, RunFolderBusy)
 
 
@@ -36,7 +39,13 @@ def _hydra_main(cfg: DictConfig) -> float:
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Hydra creates the folder before a run starts: a refused run leaves none
         print(f"rigsa-run: error: {error}", file=sys.stderr)
-        sys.exit(1 if isinstance(error, TrainingDiverged) else 2)
+        sys.exit(EXIT_FAILED if isinstance(error, TrainingDiverged) else EXIT_REFUSED)
+    except (OSError, RuntimeError) as error:
+        fault = environment_fault(error, str(run_dir))
+        if fault is None:
+            raise
+        print(f"\nrigsa-run: error: {fault}", file=sys.stderr)  # on its own line after a progress bar
+        sys.exit(EXIT_ENVIRONMENT)
 
 
 def first_value(override) -> str:
@@ -79,6 +88,8 @@ def refusal(arguments: list[str]) -> str | None:
         if sweep:
             from rigsa.sweep import shared_folders
 
+            run_folder.check_writable(Path(cfg.run.root))
+
             sweeper = compose(first, with_hydra=True).hydra.sweeper
             if not sweeper._target_.endswith(".BasicSweeper"):
                 return None  # a search (hparams_search) names its jobs by trial: left to each job
@@ -86,6 +97,7 @@ def refusal(arguments: list[str]) -> str | None:
         validate(cfg)
         forgetting.check_hub(cfg.eval)
         run_folder.inspect(cfg, Path(cfg.run.root) / cfg.run.name)
+        run_folder.check_writable(Path(cfg.run.root))
     except ConfigCompositionException as error:
         cause = error.__cause__
         schema = getattr(cause, "object_type", None)
@@ -128,11 +140,22 @@ def run_main() -> None:
     if any(flag in sys.argv[1:] for flag in ("--help", "-h")):
         print(help_text())
         return
-    message = refusal(sys.argv[1:])
+    try:
+        message = refusal(sys.argv[1:])
+    except EnvironmentFault as fault:
+        print(f"rigsa-run: error: {fault}", file=sys.stderr)
+        sys.exit(EXIT_ENVIRONMENT)
     if message:
         print(f"rigsa-run: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_REFUSED)
+    from rigsa import sweep
+
     _hydra_main()
+    failed = sweep.failed_jobs()
+    if failed:  # a sweep whose jobs did not all finish: a scheduler must see it
+        print(f"rigsa-run: error: {len(failed)} sweep job(s) failed: " + ", ".join(failed) + ". Fix what their "
+              "error.json says and resubmit the same command (finished jobs are not recomputed)", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
 
 
 def assets_main(argv: list[str] | None = None) -> int:

@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from rigsa.cache import UnreadableFile
-from rigsa.vocabulary import ConfigError
+from rigsa.vocabulary import ConfigError, environment_fault
 
 log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption without changing what is computed.
@@ -197,3 +197,20 @@ def kept_until_first_checkpoint(run_dir: Path, before: set[str]):
             if not before and contents(run_dir) <= {LOCK_FILE}:
                 shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def check_writable(root: Path) -> None:
+    """run.root can take files: created when missing, a small probe file written and removed. A full disk, a
+    read-only or forbidden folder raises EnvironmentFault naming it (before any model loads)."""
+    probe = Path(root) / f".rigsa-write-probe-{os.getpid()}"
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        with suppress(OSError):
+            probe.unlink(missing_ok=True)
+        fault = environment_fault(error, str(root))
+        if fault is None:
+            raise
+        raise fault from None

@@ -62,12 +62,15 @@ def write_error(run_dir: Path, error: BaseException, cfg: DictConfig) -> None:
         indent=2, default=str))
 
 
-def record(run_dir: Path, outcome: str, reason: str | None = None, objective: float | None = None) -> None:
-    """Append this job's outcome to the sweep's log (one short line: O_APPEND writes do not interleave)."""
+def record(run_dir: Path, outcome: str, reason: str | None = None, objective: float | None = None,
+           trial: bool = False) -> None:
+    """Append this job's outcome to the sweep's log (one short line: O_APPEND writes do not interleave). `trial`:
+    a tuned search's trial, whose failure the search records and outlives (not a failed sweep)."""
     path = os.environ.get(SWEEP_LOG_ENV)
     if not path:
         return
-    line = json.dumps({"run_dir": str(run_dir), "outcome": outcome, "reason": reason, "objective": objective})
+    line = json.dumps({"run_dir": str(run_dir), "outcome": outcome, "reason": reason, "objective": objective,
+                       **({"trial": True} if trial else {})})
     with open(path, "a") as handle:
         handle.write(line + "\n")
 
@@ -100,8 +103,11 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | str:
             record(run_dir, "pruned", str(error))
             print(f"rigsa-run: job {run_dir}: {error}", file=sys.stderr)
             return PRUNED
-        write_error(run_dir, error, cfg)
-        record(run_dir, "failed", one_line(error))
+        try:
+            write_error(run_dir, error, cfg)
+        except OSError as unwritable:  # a full or read-only disk: the summary and the exit code still say it
+            print(f"rigsa-run: could not write {run_dir / ERROR_FILE}: {one_line(unwritable)}", file=sys.stderr)
+        record(run_dir, "failed", one_line(error), trial=cfg.get("optuna_trial") is not None)
         print(f"rigsa-run: job {run_dir} failed: {one_line(error)}", file=sys.stderr)
         return math.nan
     (run_dir / ERROR_FILE).unlink(missing_ok=True)  # an earlier attempt's error no longer holds
@@ -135,6 +141,14 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+_FAILED: list[str] = []  # the last sweep's failed jobs (not a search's trials), for rigsa-run's exit code
+
+
+def failed_jobs() -> list[str]:
+    """The run folders of the last sweep in this process whose jobs failed (empty after a single run)."""
+    return list(_FAILED)
+
+
 class SweepSummary:
     """Hydra callback (hydra.callbacks.sweep_summary): opens the sweep's log before the first job and prints
     the summary after the last. Hydra calls every hook by name, so the unused ones are here, empty."""
@@ -149,7 +163,10 @@ class SweepSummary:
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         path = os.environ.pop(SWEEP_LOG_ENV, None)
         if path:
-            print(summary(read_log(Path(path))) + f"\n(sweep log: {path})")
+            lines = read_log(Path(path))
+            print(summary(lines) + f"\n(sweep log: {path})")
+            _FAILED[:] = [shown_path(line["run_dir"]) for line in lines
+                          if line["outcome"] == "failed" and not line.get("trial")]
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         pass

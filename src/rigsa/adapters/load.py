@@ -16,7 +16,7 @@ from rigsa.adapters import (OUTPUT_HEAD, PEFT_CONFIG_FILE, PEFT_FORMAT, PEFT_TEN
                             AdapterMismatch, ClassificationHead, DenseDelta, LowRankDelta, SparseDelta)
 from rigsa.adapters.read import REBUILD, read_adapter
 from rigsa.cache import UnreadableFile
-from rigsa.adapters.write import target_fingerprint
+from rigsa.adapters.write import target_fingerprint, untouched_fingerprint
 from rigsa.model_edits import load_head, replace_module
 from rigsa.models import fingerprint
 from rigsa.quantize import dequantized_weight, is_quantized, quantize_as
@@ -145,7 +145,12 @@ def load_sparse(model: nn.Module, adapter: Adapter, merge: bool = True) -> nn.Mo
 def load_dense(model: nn.Module, adapter: Adapter) -> nn.Module:
     """Write a dense adapter into `model`: each layer's delta is added to its weight (over a 4-bit base the layer
     becomes a float32 one holding the dequantized weight plus the delta: the float32 sum RIGSA's dense phase
-    trained), `lm_head.weight` becomes an untied head, any other tensor replaces that parameter's values."""
+    trained), `lm_head.weight` becomes an untied head, any other tensor replaces that parameter's values. Refused
+    (AdapterMismatch) on a base other than the one trained on, when the adapter records its fingerprint."""
+    if adapter.base_fingerprint:  # written since dense adapters record one
+        found = (target_fingerprint(model, list(adapter.layers)) if adapter.layers
+                 else untouched_fingerprint(model, list(adapter.replaced)))
+        refuse_other_base(adapter, found, "'s targeted weights" if adapter.layers else "'s untouched weights")
     for layer_name, delta in adapter.layers.items():
         layer = model.get_submodule(layer_name)
         if is_quantized(layer):

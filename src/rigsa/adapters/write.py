@@ -10,7 +10,7 @@ from torch import nn
 
 from rigsa.adapters import (DENSE_FORMAT, HEAD_FILE, HEAD_META_FILE, HEAD_NAME, META_FILE, OUTPUT_HEAD, SPARSE_FORMAT,
                             TENSOR_FILE)
-from rigsa.adapters.read import read_adapter
+from rigsa.adapters.read import DENSE_SUFFIX, read_adapter
 from rigsa.models import hash_tensors
 from rigsa.quantize import dequantized_weight, is_quantized, quantization
 from rigsa.sparse.engine import SparseDeltaLinear, sparse_layers
@@ -31,6 +31,9 @@ def target_fingerprint(model: nn.Module, layer_names: list[str]) -> str:
     def base_weight(module: nn.Module) -> torch.Tensor:
         if isinstance(module, SparseDeltaLinear):
             return module.base_weight()
+        base = getattr(module, "base_layer", None)  # RIGSA's dense layer over a 4-bit base keeps it there
+        if base is not None and is_quantized(base):
+            return dequantized_weight(base)
         return dequantized_weight(module) if is_quantized(module) else module.weight.detach()
 
     return hash_tensors((name, base_weight(model.get_submodule(name))) for name in layer_names)
@@ -54,10 +57,27 @@ def write_sparse(model: nn.Module, state: dict[str, torch.Tensor], directory: Pa
     return write_files(directory, state, meta)
 
 
-def write_dense(state: dict[str, torch.Tensor], directory: Path, metadata: dict) -> list[Path]:
+def untouched_fingerprint(model: nn.Module, replaced: list[str]) -> str:
+    """SHA-256 of every base parameter an adapter that replaces `replaced` leaves as it is (full fine-tuning: the
+    frozen ones; the head alone: all but the head), read before they could change: they are frozen. Each tensor
+    counts once, under its first name (named_parameters: SmolLM2's tied output head is its input embeddings, and
+    the head method's untied copy is replaced), so the base as loaded and the trained model name the same set."""
+    return hash_tensors((name, parameter.detach()) for name, parameter in model.named_parameters()
+                        if name not in set(replaced))
+
+
+def write_dense(state: dict[str, torch.Tensor], directory: Path, metadata: dict, model: nn.Module) -> list[Path]:
     """A dense adapter: tensors named like the model's parameters replace them (full, head), `<layer>.dense_delta`
-    tensors are added to a layer's weight (RIGSA before its first prune, or with pruned_value=init)."""
-    return write_files(directory, state, {**metadata, "format": DENSE_FORMAT})
+    tensors are added to a layer's weight (RIGSA before its first prune, or with pruned_value=init). Its record
+    holds the base's fingerprint (of the targeted layers' base weights when it adds to layers, else of the
+    parameters it leaves as they are), so it is refused on another base like every adapter."""
+    layers = sorted({name.rsplit(".", 1)[0] for name in state if name.endswith(DENSE_SUFFIX)})
+    replaced = [name for name in state if not name.endswith(DENSE_SUFFIX)]
+    # an empty adapter (method=none) changes nothing: no base to hold it to
+    found = target_fingerprint(model, layers) if layers else untouched_fingerprint(model, replaced) if state else None
+    base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return write_files(directory, state, {**metadata, "format": DENSE_FORMAT, "base_fingerprint": found,
+                                          "base_model": base_model})
 
 
 def write_head(weight: torch.Tensor, label_words: list[str], directory: Path) -> list[Path]:

@@ -41,4 +41,4 @@ class FullFineTuning:
         return dict(trainable_named(self.model))
 
     def save(self, directory: Path) -> list[Path]:
-        return write_dense(self.adapter_state(), directory, {"method": self.name})
+        return write_dense(self.adapter_state(), directory, {"method": self.name}, self.model)

@@ -30,9 +30,11 @@ class HeadOnly:
     def __init__(self, *, name: str):
         self.name = name
         self.head: nn.Module | None = None
+        self.model: nn.Module | None = None
 
     def attach(self, model: nn.Module, calibration: Calibration) -> nn.Module:
         freeze(model)
+        self.model = model
         if calibration.readout != "classifier_head":
             untie_head(model)
             self.head = model.get_output_embeddings()
@@ -45,4 +47,4 @@ class HeadOnly:
         return {} if self.head is None else {"lm_head.weight": self.head.weight}
 
     def save(self, directory: Path) -> list[Path]:
-        return write_dense(self.adapter_state(), directory, {"method": self.name})
+        return write_dense(self.adapter_state(), directory, {"method": self.name}, self.model)

@@ -37,4 +37,4 @@ class NoAdapter:
         return {}
 
     def save(self, directory: Path) -> list[Path]:
-        return write_dense({}, directory, {"method": self.name})
+        return write_dense({}, directory, {"method": self.name}, None)

@@ -209,5 +209,5 @@ class Rigsa:
     def save(self, directory: Path) -> list[Path]:
         if any(isinstance(layer, DenseGatedLinear) for layer in self.layers().values()):
             return write_dense(self.adapter_state(), directory, {"method": self.name, **self.stats(),
-                                                                 "quantize": quantization(self.model)})
+                                                                 "quantize": quantization(self.model)}, self.model)
         return write_sparse(self.model, self.adapter_state(), directory, {"method": self.name, **self.stats()})

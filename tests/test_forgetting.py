@@ -247,3 +247,31 @@ def test_builtin_tasks_read_local_csv_and_parquet_and_refuse_other_formats(tmp_p
     with pytest.raises(ConfigError, match=r"data_files.validation=.*piqa.txt.*expected a format datasets reads: "
                                           r".csv, .json, .jsonl, .parquet"):
         validate(compose(TINY + [f"eval.forgetting=[{{task:piqa,data_files:{{validation:'{tmp_path / 'piqa.txt'}'}}}}]"]))
+
+
+@pytest.mark.parametrize("edited", ["helper module", "yaml data file", "suite data file", "task yaml"])
+def test_the_base_cache_key_changes_with_the_contents_of_every_input_file(tmp_path, monkeypatch, edited):
+    """An edit in place (same path, same config) to any file the suite reads gives another base-cache key."""
+    tasks, data = tmp_path / "tasks", tmp_path / "data"
+    tasks.mkdir(), data.mkdir()
+    (data / "quiz.jsonl").write_text('{"q": "1+1", "a": "2"}\n')
+    (data / "piqa.jsonl").write_text((FIXTURES / "piqa.jsonl").read_text())
+    (tasks / "utils.py").write_text("def process(docs):\n    return docs\n")
+    (tasks / "quiz.yaml").write_text(f"task: quiz\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                     f"    test: {data / 'quiz.jsonl'}\nprocess_docs: !function utils.process\n")
+    cfg = compose(TINY + ["eval=offline", f"eval.include_path=[{tasks}]",
+                          f"eval.forgetting=[{{task: quiz}}, {{task: piqa, data_files: {{validation: '{data / 'piqa.jsonl'}'}}}}]"])
+    keys = []
+    monkeypatch.setattr(forgetting, "cached", lambda kind, key, compute, check: (keys.append(key) or ({}, True)))
+
+    def key_now():
+        forgetting.base_scores(None, None, cfg.eval, CPU, "float32", 0, "fingerprint")
+        return keys[-1]
+
+    before = key_now()
+    assert key_now() == before  # nothing changed: the same key
+    path = {"helper module": tasks / "utils.py", "yaml data file": data / "quiz.jsonl",
+            "suite data file": data / "piqa.jsonl", "task yaml": tasks / "quiz.yaml"}[edited]
+    path.write_text(path.read_text() + "\n")
+    after = key_now()
+    assert after != before and after["inputs"][str(path.resolve())] != before["inputs"][str(path.resolve())]

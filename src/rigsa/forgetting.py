@@ -76,6 +76,38 @@ def user_tasks(suite: DictConfig) -> dict[str, Path]:
     return found
 
 
+def input_digests(suite: DictConfig) -> dict[str, str]:
+    """SHA-256 of every file the suite's scores depend on beyond rigsa's own: each file under the include paths
+    (task YAMLs, their `!function` helper modules, data kept beside them), each `data_files` entry of the suite and
+    of those YAMLs. An edit to any of them is a new base-cache key, so a stale score is never reused."""
+    found: dict[str, str] = {}
+
+    def add(path: Path) -> None:
+        if path.is_file():
+            found[str(path)] = assets.sha256_file(path)
+
+    def add_data_files(files, folder: Path) -> None:
+        values = files.values() if isinstance(files, dict) else files if isinstance(files, list) else [files]
+        for value in values:
+            if isinstance(value, (list, dict)):
+                add_data_files(value, folder)
+            elif isinstance(value, str):
+                add((folder / Path(value).expanduser()).resolve())
+
+    for folder in include_paths(suite):
+        for path in sorted(folder.rglob("*")):
+            if "__pycache__" not in path.parts:
+                add(path)
+                if path.suffix in (".yaml", ".yml"):
+                    kwargs = read_task_yaml(path).get("dataset_kwargs")
+                    if isinstance(kwargs, dict) and kwargs.get("data_files") is not None:
+                        add_data_files(kwargs["data_files"], path.parent)
+    for task in suite.forgetting:
+        if task.get("data_files"):
+            add_data_files(OmegaConf.to_container(task.data_files), Path.cwd())
+    return found
+
+
 def reads_local_data(path: Path, depth: int = 0) -> bool:
     """Whether a task YAML reads its data from disk (a local builder or folder), following `include:`."""
     config = read_task_yaml(path)
@@ -285,9 +317,8 @@ def base_scores(model: nn.Module, tokenizer, suite: DictConfig, device, dtype: s
     through `on_device` (run.staged_on for a model kept on the CPU until quantized)."""
     import lm_eval
 
-    own = {name: hashlib.sha256(path.read_bytes()).hexdigest()[:12] for name, path in user_tasks(suite).items()}
     key = {"model": fingerprint, "suite": OmegaConf.to_container(suite.forgetting, resolve=True),
-           "limit": suite.limit, "own_tasks": own,
+           "limit": suite.limit, "inputs": input_digests(suite),
            "chat_template": suite.apply_chat_template, "dtype": dtype, "seed": seed,
            "lm_eval": getattr(lm_eval, "__version__", "?"),
            "templates": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in TEMPLATES.glob("*.yaml")}}

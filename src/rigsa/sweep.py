@@ -104,7 +104,10 @@ def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | str:
             print(f"rigsa-run: job {run_dir}: {error}", file=sys.stderr)
             return PRUNED
         try:
-            write_error(run_dir, error, cfg)
+            if (run_dir / "results.json").exists():  # a finished run's folder is never written into
+                print(f"rigsa-run: {run_dir} holds a finished run; its error is not written there", file=sys.stderr)
+            else:
+                write_error(run_dir, error, cfg)
         except OSError as unwritable:  # a full or read-only disk: the summary and the exit code still say it
             print(f"rigsa-run: could not write {run_dir / ERROR_FILE}: {one_line(unwritable)}", file=sys.stderr)
         record(run_dir, "failed", one_line(error), trial=cfg.get("optuna_trial") is not None)

@@ -209,3 +209,34 @@ def test_a_copied_kernel_cache_loads_without_compiling(tmp_path, monkeypatch):
     assert module is not None and Path(module.__spec__.origin).parent == copy
     g, x, indices = torch.randn(5, 4), torch.randn(5, 3), torch.tensor([0, 5, 11], dtype=torch.int32)
     assert torch.allclose(module.sampled_dot(g, x, indices, 1), (g.t() @ x).reshape(-1)[indices.long()], atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "no checksum"])
+def test_a_damaged_cached_kernel_is_moved_aside_and_rebuilt_instead_of_loaded(tmp_path, monkeypatch, damage):
+    """A truncated compiled kernel would kill the process when loaded (SIGBUS, no message): a cached library whose
+    SHA-256 is not the one recorded at its build is never loaded; its folder is moved aside, with a warning, and
+    the kernel is compiled again in a fresh one."""
+    from torch.utils import cpp_extension
+
+    from rigsa import assets
+
+    require_kernel()
+    built = Path(products.kernel().__file__).parent
+    copy = tmp_path / "cache" / "kernels" / built.name
+    shutil.copytree(built, copy)
+    library = copy / f"{products.KERNEL_NAME}.so"
+    if damage == "truncated":
+        library.write_bytes(library.read_bytes()[:4096])
+    elif damage == "garbage":
+        library.write_bytes(b"\x7fELF" + b"\0" * 1000)
+    else:
+        library.with_name(library.name + ".sha256").unlink()
+    monkeypatch.setattr(assets, "cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setattr(products, "_KERNEL", {})
+    compiled = []
+    monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: compiled.append(kwargs["build_directory"]))
+    with pytest.warns(UserWarning, match="does not match the checksum recorded when it was built; it is moved to"):
+        products.kernel()
+    assert compiled == [str(copy)] and not any(copy.iterdir())  # compiled again, in a fresh folder
+    aside = [path for path in copy.parent.iterdir() if path.name.startswith(f"{built.name}.damaged-")]
+    assert len(aside) == 1 and (aside[0] / library.name).exists()  # the damaged one kept aside, not deleted

@@ -101,16 +101,26 @@ def _build_kernel():
                              + f"{torch.__version__} {sys.version_info[:2]}".encode()).hexdigest()[:16]
         build = assets.cache_root() / "kernels" / key
         library = build / f"{KERNEL_NAME}.so"
+        recorded = library.with_name(library.name + ".sha256")  # written after a build that loaded
         if library.exists():
-            spec = importlib.util.spec_from_file_location(KERNEL_NAME, library)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
+            # a truncated library would crash the process (SIGBUS) when loaded: its bytes are checked first
+            if recorded.exists() and recorded.read_text().strip() == assets.sha256_file(library):
+                spec = importlib.util.spec_from_file_location(KERNEL_NAME, library)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                return module
+            aside = build.with_name(f"{key}.damaged-{os.getpid()}")
+            warnings.warn(f"rigsa: the cached sparse kernel {library} does not match the checksum recorded when it "
+                          f"was built; it is moved to {aside} and rebuilt (about 25 s)", stacklevel=3)
+            os.replace(build, aside)
         venv_bin = str(Path(sys.executable).parent)  # the `ninja` wheel's binary, when PATH lacks the venv
         if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
         build.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(KERNEL_NAME, [str(source)], extra_cflags=flags, build_directory=str(build))
+        module = cpp_extension.load(KERNEL_NAME, [str(source)], extra_cflags=flags, build_directory=str(build))
+        if library.exists():
+            recorded.write_text(assets.sha256_file(library))
+        return module
     except Exception as error:  # no compiler or no ninja: the torch-ops route still gives exact gradients
         warnings.warn(f"rigsa: the sparse engine's C++ kernel could not be built ({type(error).__name__}: "
                       f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using torch ops, "

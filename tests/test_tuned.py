@@ -202,3 +202,18 @@ def test_a_validation_measures_accuracy_and_loss_in_one_pass_equal_to_the_traini
             alone = [float(readout.loss(model, data.val.batch(torch.tensor([i])))) for i in range(len(data.val))]
         assert measured["loss"] == pytest.approx(sum(alone) / len(alone), rel=1e-5)
         assert measured["n"] == 20
+
+
+def test_a_search_stopped_after_some_trials_asks_the_same_next_trial_as_one_that_ran_through(tmp_path):
+    common = ["--multirun", *TUNED, "variant=lora_r8", "seed=0", "hydra.sweeper.final_runs=false",
+              "hydra.sweeper.pruner.startup_trials=5"]
+    through = rigsa_run(*common, f"run.root={tmp_path / 'through'}")
+    assert through.returncode == 0, through.stderr[-3000:]
+    stopped = rigsa_run(*common, f"run.root={tmp_path / 'resumed'}", "hydra.sweeper.n_trials=2")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    resumed = rigsa_run(*common, f"run.root={tmp_path / 'resumed'}")  # the rest of the search, in a new process
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "sweep: 1 jobs: 1 done" in resumed.stdout  # only the missing trial ran
+    trials = [[trial["params"] for trial in yaml.safe_load((tmp_path / name / "search" / "lora_r8" / "selection.yaml")
+                                                           .read_text())["trials"]] for name in ("through", "resumed")]
+    assert trials[0] == trials[1] and len({str(params) for params in trials[0]}) == 3  # the same 3 distinct rates

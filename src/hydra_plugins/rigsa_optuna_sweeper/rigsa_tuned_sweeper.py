@@ -147,7 +147,14 @@ class RigsaTunedSweeper(Sweeper):
         if interrupted:  # a search stopped mid-trial: the same trials again, their folders resume from checkpoints
             run(interrupted)
         while len(study.trials) < self.n_trials:
-            run([study.ask(distributions) for _ in range(min(self.n_jobs, self.n_trials - len(study.trials)))])
+            asked = []
+            for _ in range(min(self.n_jobs, self.n_trials - len(study.trials))):
+                # trial N is asked by a sampler seeded with sampler_seed + N: a search resumed after an interruption
+                # asks the same trials as one that ran through (one sampler kept across asks would start its
+                # sequence again in the resumed process, and repeat the first trial's setting)
+                study.sampler = optuna.samplers.TPESampler(seed=self.sampler_seed + len(study.trials))
+                asked.append(study.ask(distributions))
+            run(asked)
         return self.write_selection(study, folder, space, row)
 
     def write_selection(self, study, folder: Path, space: dict, row: list[str]) -> dict | None:

@@ -74,6 +74,24 @@ CATALOGUE = [
     (["method=lora", "eval=paper"], "whose data come from the Hugging Face hub, but test: offline", False),
     (["method=lora", "run.name=finished", "train.lr=2e-3"], "holds a run with a different config (train.lr: 0.001 -> "
                                                             "0.002)", False),
+    # issue #25's options and #26's seeds
+    (["method=lora", "train.early_stopping=-1"], "train.early_stopping=-1 is invalid: expected a number >= 0", False),
+    (["method=lora", "train.early_stopping=2"], "train.eval_every=0 is invalid: expected > 0 with "
+                                                "train.early_stopping=2", False),
+    (["method=rigsa", "pruning=imp", "train.early_stopping=2", "train.eval_every=5"],
+     "train.early_stopping=2 is invalid: expected 0 with pruning=imp", False),
+    (["method=lora", "train.early_stopping=2", "train.eval_every=5"], "train.early_stopping=2 is invalid: expected a "
+                                                                     "task with a validation split", False),
+    (["method=lora", "eval.split=validation"], "eval.split='validation' is invalid: expected a task with a validation "
+                                               "split", False),
+    (["method=lora", "eval.split=train"], "eval.split='train' is invalid: expected test or validation", False),
+    (["method=lora", "optuna_trial=3"], "optuna_trial=3 is invalid: expected null, or a trial of the study in", False),
+    (["method=lora", "optuna_trial=-1"], "optuna_trial=-1 is invalid", False),
+    (["method=lora", "seed=-1"], "seed=-1 is invalid: expected an integer in [0, 2**32)", False),
+    (["method=lora", "seed=99999999999999"], "seed=99999999999999 is invalid: expected an integer in [0, 2**32)",
+     False),
+    (["method=lora", "task.val_size=-5"], "task.val_size=-5 is invalid", False),
+    (["method=lora", "train.eval_every=-1"], "train.eval_every=-1 is invalid: expected a number >= 0", False),
     ([*SPARSE, "method.budget.params=1000000000"], "method.budget.params=1000000000 is invalid: expected a budget "
                                                    "that fits the 12,288 target weights", True),
     (["method=lora", "method.target_modules=[nope]"], "method.target_modules=['nope'] is invalid: expected names of "

@@ -241,3 +241,14 @@ def test_a_tuned_rows_chosen_setting_and_the_learning_rate_figure_come_from_its_
     assert "| - | - |" in sparta  # no search chose it
     figure = tmp_path / "out" / "learning_rate.png"
     assert figure in made["figures"] and imread(figure)[..., :3].std() > 0.05
+
+
+@pytest.mark.parametrize("damaged", ["results.json", "config.yaml", "error.json"])
+def test_a_damaged_file_skips_its_run_with_one_line_and_the_report_goes_on(runs, tmp_path, capsys, damaged):
+    folder = runs / ("sparta-seed2" if damaged == "error.json" else "lora-seed0")
+    (folder / damaged).write_text("{not json: [" if damaged != "config.yaml" else "seed: [unclosed\n")
+    made = report([runs], tmp_path / "out", log_to_wandb=False)
+    error = capsys.readouterr().err
+    assert error.count("rigsa-report: skipped") == 1 and f"skipped {folder}: a file there is not readable" in error
+    records = {record["method"]: record for record in made["records"]}
+    assert records["sparta"]["n"] == 2 and records["lora"]["n"] == (2 if damaged != "error.json" else 3)

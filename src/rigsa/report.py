@@ -19,8 +19,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rigsa.report_compare import (confusion_markdown, differences_markdown, one_class_rows, read_selections,
-                                  selection_cells, selection_of)
+from rigsa.report_compare import (add_selection_columns, confusion_markdown, differences_markdown, one_class_markdown,
+                                  read_selections)
 from rigsa.run_folder import has_checkpoint, upgraded
 
 # Config keys that do not change what a run computes (a seed is what a row averages over).
@@ -92,17 +92,35 @@ def find_runs(folders: list[Path]) -> list[Run]:
         folders_with_runs = {path.parent for name in ("results.json", "error.json", "config.yaml")
                              for path in folder.rglob(name)}
         for run_dir in sorted(folders_with_runs):
-            results_path, config_path = run_dir / "results.json", run_dir / "config.yaml"
-            if results_path.exists() and config_path.exists():
-                runs.append(Run(run_dir, saved_config(OmegaConf.load(config_path)), json.loads(results_path.read_text())))
-            elif (run_dir / "error.json").exists():  # a failed job: error.json holds its config
-                error = json.loads((run_dir / "error.json").read_text())
-                runs.append(Run(run_dir, saved_config(error.get("config") or {}), None, error.get("error")))
-            elif has_checkpoint(run_dir):  # started, not finished (running, or stopped: rerun to resume)
-                runs.append(Run(run_dir, saved_config(OmegaConf.load(config_path)), None))
+            try:
+                found = read_run(run_dir)
+            except Exception as error:  # one damaged file: that run is left out, named, and the report goes on
+                print(f"rigsa-report: skipped {run_dir}: a file there is not readable ({type(error).__name__}: "
+                      f"{' '.join(str(error).split())[:160]}). Fix: rerun that run (the same command resumes or "
+                      "recomputes it) or delete its folder", file=sys.stderr)
+                continue
+            if found is not None:
+                runs.append(found)
     # a tuned search's trials (measured on validation) are not methods' rows: the learning-rate figure shows them
     return [run for run in runs if run.config.get("optuna_trial") is None
             and run.config.get("eval.split", "test") != "validation"]
+
+
+def read_run(run_dir: Path) -> Run | None:
+    """A finished run (config.yaml and results.json), a failed one (error.json holds its config), a started one (a
+    checkpoint), or None."""
+    results_path, config_path = run_dir / "results.json", run_dir / "config.yaml"
+    if results_path.exists() and config_path.exists():
+        results = json.loads(results_path.read_text())
+        if not isinstance(results, dict):
+            raise ValueError(f"{results_path} holds a {type(results).__name__}, not a results record")
+        return Run(run_dir, saved_config(OmegaConf.load(config_path)), results)
+    if (run_dir / "error.json").exists():
+        error = json.loads((run_dir / "error.json").read_text())
+        return Run(run_dir, saved_config(error.get("config") or {}), None, error.get("error"))
+    if has_checkpoint(run_dir):  # started, not finished (running, or stopped: rerun to resume)
+        return Run(run_dir, saved_config(OmegaConf.load(config_path)), None)
+    return None
 
 
 def saved_config(config) -> dict:
@@ -308,23 +326,13 @@ def setting_report(runs: list[Run], spec: dict | None, selections: list[dict], o
     if "macro_f1" not in columns and any(row.values(COLUMNS["macro_f1"][0][1], 1.0) for row in rows):
         columns.insert(1, "macro_f1")  # more than two classes: accuracy alone hides a one-class answerer
     headers, cells, records = table(shown, columns, expected)
-    chosen = {row.label: selection_of(row, selections) for row in rows}
-    if any(chosen.values()):
-        headers[-1:-1] = ["tuned setting", "search's best validation score"]
-        for line, record, row in zip(cells, records, shown):
-            setting, best = selection_cells(chosen.get(row.label))
-            line[-1:-1] = [setting, best]
-            record["tuned setting"], record["search best"] = setting, best
+    add_selection_columns(headers, cells, records, shown, selections)
     title = ((spec or {}).get("title") or "rigsa runs") + subtitle
     text = markdown(title, (spec or {}).get("source"), headers, cells, rows)
     if len(reported) < len(runs):
         text += f"\n{len(runs) - len(reported)} other runs here are not in this table.\n"
     text += "\n" + differences_markdown(rows)
-    flagged = one_class_rows(shown)
-    if flagged:
-        text += ("\nAnswers one class for every example (its accuracy is that class's share, not learning): "
-                 + "; ".join(flagged) + "\n")
-    text += confusion_markdown(shown)
+    text += one_class_markdown(shown) + confusion_markdown(shown)
     folder = out / name if name else out
     folder.mkdir(parents=True, exist_ok=True)
     return text, records, write_figures(rows, base, folder, selections), (headers, cells)

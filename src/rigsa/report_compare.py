@@ -119,15 +119,32 @@ def selection_cells(selection: dict | None) -> tuple[str, str]:
                      f"pruned, {counts.get('fail', 0)} failed)")
 
 
-def one_class_rows(rows) -> list[str]:
-    """Rows with a run that answered one class for every test example (its accuracy is then the class's share)."""
+def add_selection_columns(headers: list, cells: list, records: list, rows, selections: list[dict]) -> None:
+    """When a tuned search chose any row's setting: the chosen setting and the search's best validation score,
+    before the table's last column ('-' for rows no search chose)."""
+    chosen = [selection_of(row, selections) for row in rows]
+    if not any(chosen):
+        return
+    headers[-1:-1] = ["tuned setting", "search's best validation score"]
+    for line, record, selection in zip(cells, records, chosen):
+        setting, best = selection_cells(selection)
+        line[-1:-1] = [setting, best]
+        record["tuned setting"], record["search best"] = setting, best
+
+
+def one_class_markdown(rows) -> str:
+    """The rows with a run that answered one class for every test example (its accuracy is then that class's
+    share, not learning), as a line; empty when none did."""
     flagged = []
     for row in rows:
         for run in row.runs:
             counts = ((run.results or {}).get("target") or {}).get("answer_counts") or []
             if len(counts) > 1 and max(counts) == sum(counts) > 0:
                 flagged.append(f"{row.label} (seed {run.seed}: every answer is class {counts.index(max(counts))})")
-    return flagged
+    if not flagged:
+        return ""
+    return ("\nAnswers one class for every example (its accuracy is that class's share, not learning): "
+            + "; ".join(flagged) + "\n")
 
 
 def confusion_markdown(rows) -> str:

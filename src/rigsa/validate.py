@@ -3,6 +3,7 @@ checks its own settings here. The top of the import graph, beside the CLI: it im
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -13,6 +14,7 @@ from rigsa.methods import build_method
 from rigsa.models import check_source
 from rigsa.readout import HEAD_INITS, READOUTS
 from rigsa.tasks import family
+from rigsa.tuning import STUDY_FILE
 from rigsa.vocabulary import BASE_DTYPES, QUANT_TYPES, QUANTIZED_BASE, fail
 
 
@@ -87,9 +89,12 @@ def validate(cfg: DictConfig):
              "pass train.early_stopping=0, or pruning=none")
     if cfg.eval.split not in ("test", "validation"):
         fail("eval.split", cfg.eval.split, "test or validation", "pass eval.split=test")
-    if cfg.optuna_trial is not None and cfg.optuna_trial < 0:
-        fail("optuna_trial", cfg.optuna_trial, "null, or a trial number >= 0 (set by hydra/sweeper=rigsa_tuned)",
-             "pass optuna_trial=null")
+    if cfg.optuna_trial is not None and (cfg.optuna_trial < 0 or not (Path(cfg.run.root) / STUDY_FILE).exists()):
+        fail("optuna_trial", cfg.optuna_trial, f"null, or a trial of the study in {Path(cfg.run.root) / STUDY_FILE} "
+             "(hydra/sweeper=rigsa_tuned sets it)", "pass optuna_trial=null")
+    # torch seeds up to 2**64, but numpy's (lm-eval's few-shot sampling) and the data order's take < 2**32
+    if not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        fail("seed", cfg.seed, "an integer in [0, 2**32)", "pass seed=0")
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         fail("train.epochs", 0, "train.epochs > 0 or train.max_steps > 0", "pass train.max_steps=100")
     if cfg.train.lr_schedule not in ("cosine", "linear", "constant"):

@@ -177,6 +177,71 @@ def test_bad_own_data_fails_before_the_model_loads_and_writes_nothing(overrides,
     assert not (tmp_path / "runs").exists()
 
 
+def latin1_reviews(path: Path) -> Path:
+    """A real-world csv: 30 rows, one of them (line 7) with a latin-1 byte (an e-acute) that is not utf-8."""
+    lines = ["review,sentiment"] + [f"{row['review']},{row['sentiment']}" for row in ROWS]
+    lines[6] = "caf\xe9 product number 5,pos"
+    path.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    return path
+
+
+# (file name, its bytes or a writer, extra overrides, the message)
+BAD_FILES = [
+    ("empty.csv", b"", [], "task.path='{path}' is invalid: expected a file with rows (this one is empty)"),
+    ("header.csv", b"review,sentiment\n", [], "expected a file with rows (this one has a header and no rows)"),
+    ("blank.jsonl", b"\n\n  \n", [], "expected a file with rows (this one has no rows)"),
+    ("empty.jsonl", b"", [], "expected a file with rows (this one is empty)"),
+    ("nulls.jsonl", b'{"review": "good", "sentiment": "pos"}\n{"review": null, "sentiment": "neg"}\n' * 15, [],
+     "task.text_column='review' has an empty (null) cell in row"),
+    ("nolabel.jsonl", b'{"review": "good", "sentiment": null}\n' + b'{"review": "bad", "sentiment": "neg"}\n' * 20, [],
+     "task.label_column='sentiment' has an empty (null) cell in row 0 of the data's 'train' split"),
+    ("latin1.csv", latin1_reviews, [], "expected text in task.encoding=utf-8 (line 7 has the byte 0xe9, which utf-8 "
+                                       "cannot decode). Fix: pass task.encoding=<the file's encoding"),
+    ("latin1.csv", latin1_reviews, ["task.encoding=klingon"], "task.encoding='klingon' is invalid: expected an "
+                                                              "encoding Python knows"),
+    ("huge.jsonl", "\n".join([json.dumps(dict(row, part=["train", "test"][i % 2])) for i, row in enumerate(ROWS)] + [
+        json.dumps({"review": "x" * 2_000_000, "sentiment": "pos", "part": "test"})]).encode(),
+     ["task.splits.column=part"], "row 15 of the test split is 2,000,0"),
+]
+
+
+@pytest.mark.parametrize("name,content,overrides,message", BAD_FILES, ids=[f"{case[0]}{case[2]}" for case in BAD_FILES])
+def test_a_bad_data_file_is_refused_by_name_before_the_model_loads(name, content, overrides, message, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = tmp_path / name
+    content(path) if callable(content) else path.write_bytes(content)
+    cfg = compose(TINY_TEXT + OWN + [f"task.path={path}", f"run.root={tmp_path / 'runs'}", *overrides])
+    with pytest.raises(ConfigError) as error:
+        run(cfg, tmp_path / "runs" / "run")
+    assert message.format(path=path) in str(error.value) and "Fix:" in str(error.value), str(error.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_absurdly_long_training_row_is_dropped_and_counted_without_being_tokenized(tmp_path, tokenizer, monkeypatch):
+    from rigsa.tasks import build_task
+
+    rows = [dict(row, part=["train", "test"][i % 2]) for i, row in enumerate(ROWS)]
+    rows.append({"review": "x" * 2_000_000, "sentiment": "pos", "part": "train"})
+    path = tmp_path / "huge.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    real = tc.render_prompts
+    longest = []
+    monkeypatch.setattr(tc, "render_prompts", lambda texts, *a: longest.append(max(map(len, texts), default=0)) or real(texts, *a))
+    data = build_task(compose(OWN + [f"task.path={path}", "task.splits.column=part"]).task, tokenizer, 1024)
+    assert data.dropped_train == 1 and len(data.train) == 15
+    assert max(longest) < 1000  # the 2,000,000-character row never reached the tokenizer
+
+
+def test_a_latin1_file_reads_with_its_encoding_named(tmp_path, tokenizer):
+    from rigsa.tasks import build_task
+
+    path = latin1_reviews(tmp_path / "latin1.csv")
+    data = build_task(compose(OWN + [f"task.path={path}", "task.encoding=latin-1"]).task, tokenizer, 1024)
+    prompts = [tokenizer.decode(prompt) for split in (data.train, data.val, data.test) for prompt in split.prompts]
+    assert len(prompts) == 30 and sum("café product number 5" in prompt for prompt in prompts) == 1
+
+
 def test_a_local_format_datasets_cannot_read_is_refused_for_data_files(tmp_path):
     from rigsa.validate import validate
 

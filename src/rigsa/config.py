@@ -60,8 +60,8 @@ TextualMnistConfig = declare("TextualMnistConfig", TaskConfig, image_size=int, t
                              test_size=int)
 SplitRecipeConfig = declare("SplitRecipeConfig", train=str, dev=OptionalText, dev_size=Optional[int], dev_pick=str,
                             test=Names, fractions=Dict[str, float], column=OptionalText)
-ClassificationConfig = declare("ClassificationConfig", TaskConfig, path=OptionalText, hub_id=OptionalText,
-                               hub_config=OptionalText, revision=OptionalText, data_files=Any,
+ClassificationConfig = declare("ClassificationConfig", TaskConfig, path=OptionalText, encoding=str,
+                               hub_id=OptionalText, hub_config=OptionalText, revision=OptionalText, data_files=Any,
                                text_column=str, text_pair_column=OptionalText, label_column=str,
                                labels=Optional[List[Any]], label_words=Names, instruction=str, text_label=str,
                                text_pair_label=str,

@@ -45,7 +45,7 @@ class RunFolderBusy(RuntimeError):
 # task.max_test_size belongs to the text-classification family, whose nodes hold max_train_size.
 ADDED_KEYS = {"model.base_dtype": ("float32", None), "model.quantize": (None, None),
               "task.max_test_size": (0, "max_train_size"), "train.early_stopping": (0, None),
-              "eval.split": ("test", None)}
+              "eval.split": ("test", None), "task.encoding": ("utf-8", "max_train_size")}
 # LoRA's 4-bit settings before method=qlora became LoRA with model.quantize (their value then moved there).
 MOVED_LORA_KEYS = ("load_in_4bit", "quant_type", "compute_dtype")
 

@@ -104,21 +104,52 @@ def label_values(task: DictConfig) -> list[str]:
     return [str(label) for label in (labels if labels is not None else range(len(task.label_words)))]
 
 
+def check_text_file(path: str, key: str, encoding: str) -> None:
+    """A csv or json(l) file that is empty, or not text in task.encoding, refused naming the file (and the first line
+    that does not decode, with its byte) before `datasets` reads it."""
+    file = Path(os.path.expanduser(path))
+    if file.is_dir() or FORMATS.get(file.suffix.lower()) not in ("csv", "json"):
+        return
+    if file.stat().st_size == 0:
+        fail(key, path, "a file with rows (this one is empty)", f"point {key} at the file holding the data")
+    filled = 0  # lines holding more than white space
+    with open(file, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            filled += bool(line.strip())
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError as error:
+                fail(key, path, f"text in task.encoding={encoding} (line {number} has the byte "
+                     f"0x{line[error.start]:02x}, which {encoding} cannot decode)",
+                     "pass task.encoding=<the file's encoding, e.g. latin-1 or cp1252>, or convert the file to utf-8")
+            except LookupError:
+                fail("task.encoding", encoding, "an encoding Python knows (utf-8, latin-1, cp1252, ...)",
+                     "pass task.encoding=utf-8")
+    if filled <= (1 if FORMATS[file.suffix.lower()] == "csv" else 0):
+        fail(key, path, "a file with rows (this one has " + ("a header and no rows)" if filled else "no rows)"),
+             f"point {key} at the file holding the data")
+
+
 def load_table(task: DictConfig):
     """The rows as a DatasetDict of named splits (one `train` split for a single file)."""
     import datasets
 
+    text_options = {"encoding": task.encoding}
     try:
         if task.path:
             builder = file_format(task.path, "task.path")
             path = os.path.expanduser(task.path)
+            check_text_file(task.path, "task.path", task.encoding)
             if builder == "saved":
                 loaded = datasets.load_from_disk(path)
             else:
-                loaded = datasets.load_dataset(builder, data_files=path)
+                loaded = datasets.load_dataset(builder, data_files=path, **(text_options if builder != "parquet" else {}))
         elif task.data_files:
             files = {split: os.path.expanduser(path) for split, path in task.data_files.items()}
-            loaded = datasets.load_dataset(file_format(next(iter(files.values())), "task.data_files"), data_files=files)
+            builder = file_format(next(iter(files.values())), "task.data_files")
+            for split, path in task.data_files.items():
+                check_text_file(path, f"task.data_files.{split}", task.encoding)
+            loaded = datasets.load_dataset(builder, data_files=files, **(text_options if builder != "parquet" else {}))
         else:
             loaded = datasets.load_dataset(task.hub_id, task.hub_config, revision=task.revision)
     except ConfigError:
@@ -130,6 +161,22 @@ def load_table(task: DictConfig):
                           "point task.path or task.data_files at csv, jsonl or parquet files with the task's columns"
                           ) from None
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+
+
+# A text longer than this many characters per token of train.max_seq_len cannot fit (BPE tokens of natural text
+# average about 4 characters): refused, or dropped from training, before a tokenizer spends minutes and GBs on it.
+MAX_CHARACTERS_PER_TOKEN = 32
+
+
+def check_cells(rows, split: str, task: DictConfig, columns: list[str]) -> None:
+    """Every text and label cell is filled: a null cell would train on the prompt text "None". Named by row."""
+    for column in columns:
+        for number, value in enumerate(rows[column]):
+            if value is None or (isinstance(value, float) and value != value):
+                key = {task.text_column: "text_column", task.label_column: "label_column"}.get(column,
+                                                                                               "text_pair_column")
+                raise ConfigError(f"task.{key}={column!r} has an empty (null) cell in row {number} of the data's "
+                                  f"{split!r} split. Fix: fill or drop that row")
 
 
 def take(dataset, indices):
@@ -209,6 +256,10 @@ def build(task: DictConfig, tokenizer, max_seq_len: int) -> TaskData:
                                                                                              "text_pair_column")
             raise ConfigError(f"task.{key}={missing[0]!r} is invalid: expected a column of the data's {name!r} split "
                               f"(it has {rows.column_names}). Fix: pass task.{key}=<one of those>")
+        check_cells(rows, name, task, columns)
+    if not sum(len(rows) for rows in table.values()):
+        raise ConfigError(f"task data {task.path or OmegaConf.to_container(task.data_files)!r} has a header but no "
+                          "rows. Fix: point task.path or task.data_files at the files holding the rows")
     parts = split_rows(table, task.splits, task.split_seed, task.max_train_size, task.max_test_size)
     splits, dropped = {}, 0
     for name in SPLIT_NAMES:
@@ -219,11 +270,21 @@ def build(task: DictConfig, tokenizer, max_seq_len: int) -> TaskData:
             raise ConfigError(f"task.labels={values} is invalid: expected every label of the data, but its {name} "
                               f"split has the labels {unknown[:5]}. Fix: list every label in task.labels with its word "
                               "in task.label_words (same order), or drop those rows")
-        prompts = render_prompts([question(task.instruction, row, task) for row in rows], tokenizer, task.chat_template)
+        texts = [question(task.instruction, row, task) for row in rows]
+        limit = MAX_CHARACTERS_PER_TOKEN * (task.max_prompt_tokens if name == "train" else max_seq_len)
+        huge = [i for i, text in enumerate(texts) if len(text) > limit]
+        if huge and name != "train":
+            raise ConfigError(f"train.max_seq_len={max_seq_len} is invalid: expected room for every {name} prompt, but "
+                              f"row {huge[0]} of the {name} split is {len(texts[huge[0]]):,} characters long. Fix: cut "
+                              "or drop that row (the dev and test sets are kept whole)")
+        if huge:  # dropped like any training prompt over task.max_prompt_tokens, without tokenizing them
+            keep = [i for i in range(len(texts)) if i not in set(huge)]
+            texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+        prompts = render_prompts(texts, tokenizer, task.chat_template)
         classes = torch.tensor([values.index(label) for label in labels], dtype=torch.long)
         if name == "train":  # dev and test are kept whole; too long a training prompt is dropped (and counted)
             kept = [i for i, prompt in enumerate(prompts) if prompt.numel() <= task.max_prompt_tokens]
-            dropped = len(prompts) - len(kept)
+            dropped = len(prompts) - len(kept) + len(huge)
             prompts, classes = [prompts[i] for i in kept], classes[kept]
         if name != "dev" and not prompts:
             fix = "raise task.max_prompt_tokens" if name == "train" and dropped else "check task.splits"

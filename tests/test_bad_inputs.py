@@ -92,6 +92,14 @@ CATALOGUE = [
      False),
     (["method=lora", "task.val_size=-5"], "task.val_size=-5 is invalid", False),
     (["method=lora", "train.eval_every=-1"], "train.eval_every=-1 is invalid: expected a number >= 0", False),
+    (["method=sparta", "method.budget.density=0"], "method.budget.density=0 is invalid: expected > 0", False),
+    (["method=sparta", "method.budget.density=null", "method.budget.params=0"], "method.budget.params=0 is invalid",
+     False),
+    (["method=lora", "eval=offline", "eval.forgetting=[{{task:rigsa_gsm8k_bpbb}}]"],
+     "eval.forgetting[0].task='rigsa_gsm8k_bpbb' is invalid: expected a task rigsa ships, one in eval.include_path, "
+     "or an lm-eval built-in. Fix: did you mean rigsa_gsm8k_bpb?", False),
+    (["method=lora", "eval=offline", "eval.include_path=[{broken_tasks}]"],
+     "broken.yaml is not valid YAML (", False),
     ([*SPARSE, "method.budget.params=1000000000"], "method.budget.params=1000000000 is invalid: expected a budget "
                                                    "that fits the 12,288 target weights", True),
     (["method=lora", "method.target_modules=[nope]"], "method.target_modules=['nope'] is invalid: expected names of "
@@ -110,6 +118,8 @@ def world(tmp_path_factory):
     (root / "encoder").mkdir()
     (root / "encoder" / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     (root / "encoder" / "model.safetensors").write_bytes(b"")
+    (root / "broken_tasks").mkdir()
+    (root / "broken_tasks" / "broken.yaml").write_text("task: broken\n  dataset_path: [\n")
     return root
 
 
@@ -129,7 +139,8 @@ def test_a_bad_input_is_refused_naming_the_value_and_writes_nothing(overrides, m
     real_load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: loaded.append(1) or real_load(*args, **kwargs))
     monkeypatch.setattr(assets, "hub_unreachable_reason", lambda timeout=5.0: "test: offline")
-    paths = {"empty": world / "empty", "encoder": world / "encoder", "lora_run": world / "lora_run"}
+    paths = {"empty": world / "empty", "encoder": world / "encoder", "lora_run": world / "lora_run",
+             "broken_tasks": world / "broken_tasks"}
     arguments = [*BASE, f"run.root={world}", "run.name=new", *(item.format(**paths) for item in overrides)]
     code, error = rigsa_run(arguments, monkeypatch, capsys)
     lines = [line for line in error.splitlines() if line.startswith("rigsa-run: error: ")]

@@ -14,6 +14,7 @@ direction (lm-eval's `higher_is_better`).
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -222,15 +223,20 @@ def writable(folder: Path) -> Path:
         return fallback
 
 
-def builtin_yaml(name: str) -> Path:
+def lm_eval_task_file(name: str) -> Path | None:
+    """lm-eval's own YAML of a built-in task named like its file, or None."""
     import lm_eval.tasks
 
     root = Path(lm_eval.tasks.__file__).parent
     candidates = [root / name / f"{name}.yaml"] + sorted(root.glob(f"**/{name}.yaml"))
-    for path in candidates:
-        if path.exists():
-            return path
-    raise ValueError(f"lm-eval has no built-in task {name!r} to point at local data")
+    return next((path for path in candidates if path.exists()), None)
+
+
+def builtin_yaml(name: str) -> Path:
+    found = lm_eval_task_file(name)
+    if found is None:
+        raise ValueError(f"lm-eval has no built-in task {name!r} to point at local data")
+    return found
 
 
 def local_name(task) -> str:
@@ -255,7 +261,23 @@ def check_suite(suite: DictConfig, fail) -> None:
     for folder in suite.include_path:
         if not Path(folder).expanduser().is_dir():
             fail("eval.include_path", folder, "existing folders of lm-eval task YAMLs", "check the path")
+    import yaml
+
+    for folder in include_paths(suite):
+        for path in sorted(folder.rglob("*.y*ml")):
+            try:
+                read_task_yaml(path)
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                where = getattr(error, "problem_mark", None)
+                fail("eval.include_path", str(folder), f"folders of readable lm-eval task YAMLs, but {path} is not "
+                     f"valid YAML ({getattr(error, 'problem', None) or type(error).__name__}"
+                     + (f", line {where.line + 1})" if where else ")"), f"fix or remove {path.name}")
+    known = {path.stem for path in TEMPLATES.glob("*.yaml")} | set(user_tasks(suite))
     for number, task in enumerate(suite.forgetting):
+        close = difflib.get_close_matches(str(task.task), sorted(known), n=1, cutoff=0.8)
+        if task.task not in known and close and not is_yaml_path(task.task) and not lm_eval_task_file(task.task):
+            fail(f"eval.forgetting[{number}].task", task.task, "a task rigsa ships, one in eval.include_path, or an "
+                 "lm-eval built-in", f"did you mean {close[0]}?")
         if task.limit is not None and task.limit <= 0:
             fail(f"eval.forgetting[{number}].limit", task.limit, "null (all) or > 0", "pass a positive limit")
         yaml_path = Path(task.task).expanduser()

@@ -68,6 +68,10 @@ def lora_layer_counts(model: nn.Module, budget, targets: dict[str, nn.Linear]) -
 def check_budget(budget) -> str:
     """Exactly one budget, its value in range; return which one. (The count needs the model: resolve_budget.)"""
     chosen = [key for key in ("density", "params", "match", "from_run") if budget.get(key) not in (None, "", 0)]
+    zeros = [key for key in ("density", "params") if budget.get(key) == 0]
+    if not chosen and zeros:  # a zero budget is the value to name, not "none chosen"
+        fail(f"method.budget.{zeros[0]}", 0, "> 0 (a budget that trains something)",
+             f"pass e.g. method.budget.{zeros[0]}={'0.005' if zeros[0] == 'density' else '100000'}")
     if len(chosen) != 1:
         fail("method.budget", chosen, "exactly one of density, params, match, from_run",
              "set the others to null, e.g. method.budget.density=null method.budget.params=100000")

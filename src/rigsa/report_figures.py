@@ -23,6 +23,16 @@ def readable_log_x(axis, values: list[float]) -> None:
         axis.xaxis.set_minor_formatter(NullFormatter())
 
 
+def saved(figure, path: Path, legend_of=None) -> bool:
+    """Write the figure (its legend, if any, beside the plot at the right: never over a point) and close it."""
+    if legend_of is not None:
+        legend_of.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return True
+
+
 def spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample std (0 for a single seed) of the values."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -78,12 +88,8 @@ def iterations_figure(rows, base, path: Path) -> bool:
         axis.set_xticks(range(len(phases)), phases, rotation=30, ha="right")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the plots, never over them
     figure.suptitle("after each pruning iteration (mean ± std over seeds)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return True
+    return saved(figure, path, legend_of=axes[0][-1])
 
 
 def accuracy_vs_trainable_figure(rows, path: Path) -> bool:
@@ -101,11 +107,7 @@ def accuracy_vs_trainable_figure(rows, path: Path) -> bool:
     axis.set_xlabel("trainable parameters")
     axis.set_ylabel("test accuracy (%)")
     axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return True
+    return saved(figure, path, legend_of=axis)
 
 
 def forgetting_figure(rows, path: Path) -> bool:
@@ -119,10 +121,7 @@ def forgetting_figure(rows, path: Path) -> bool:
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_ylabel("mean forgetting (positive = worse)")
     axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+    return saved(figure, path)
 
 
 def learning_forgetting_figure(rows, base, path: Path) -> bool:
@@ -147,11 +146,7 @@ def learning_forgetting_figure(rows, base, path: Path) -> bool:
     axis.set_ylabel("test accuracy (%)")
     axis.set_title("learning against forgetting (points: seeds; bars: mean ± std)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the plot, never over it
-    figure.tight_layout()
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return True
+    return saved(figure, path, legend_of=axis)
 
 
 def learning_rate_figure(selections: list[dict], path: Path) -> bool:
@@ -183,11 +178,7 @@ def learning_rate_figure(selections: list[dict], path: Path) -> bool:
     axis.set_ylabel(f"validation {curves[0][1].get('objective', 'score')}")
     axis.set_title("learning-rate search per method (hollow: pruned; ringed: chosen)")
     axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return True
+    return saved(figure, path, legend_of=axis)
 
 
 def write_figures(rows, base, out: Path, selections: list[dict] | None = None) -> list[Path]:

@@ -92,6 +92,8 @@ CATALOGUE = [
      False),
     (["method=lora", "task.val_size=-5"], "task.val_size=-5 is invalid", False),
     (["method=lora", "train.eval_every=-1"], "train.eval_every=-1 is invalid: expected a number >= 0", False),
+    (["--multirun", "hparams_search=lora_lr", "eval=target"], "objective.forgetting_weight=1.0 is invalid: expected 0 "
+                                                              "with eval=target", False),
     (["method=sparta", "method.budget.density=0"], "method.budget.density=0 is invalid: expected > 0", False),
     (["method=sparta", "method.budget.density=null", "method.budget.params=0"], "method.budget.params=0 is invalid",
      False),

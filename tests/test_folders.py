@@ -43,3 +43,13 @@ def test_a_sweep_job_refused_at_a_finished_folder_writes_nothing_into_it(tmp_pat
     assert f"{tmp_path / 'done'} holds a finished run; its error is not written there" in swept.stderr
     assert files(tmp_path / "done") == written and not (tmp_path / "done" / "error.json").exists()
     assert json.loads((tmp_path / "done" / "results.json").read_text())["train"]["steps"] == 4
+
+
+def test_paths_in_a_config_compare_by_what_they_name_not_how_they_are_written():
+    from rigsa.run_folder import same_spelling
+
+    assert same_spelling({"task": {"path": "./data//reviews.csv", "hub_id": "nyu-mll/glue"},
+                          "eval": {"include_path": ["~/tasks/", "tasks/../tasks"]}, "train": {"lr": 0.001}}) == {
+        "task": {"path": "data/reviews.csv", "hub_id": "nyu-mll/glue"},
+        "eval": {"include_path": [str(Path.home() / "tasks"), "tasks"]}, "train": {"lr": 0.001}}
+    assert same_spelling("https://example.org/a//b") == "https://example.org/a//b"  # a URL is left as written

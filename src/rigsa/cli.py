@@ -92,6 +92,9 @@ def refusal(arguments: list[str]) -> str | None:
 
             sweeper = compose(first, with_hydra=True).hydra.sweeper
             if not sweeper._target_.endswith(".BasicSweeper"):
+                from rigsa.validate import check_objective
+
+                check_objective(cfg)  # a search whose objective no trial can compute is refused before the first
                 return None  # a search (hparams_search) names its jobs by trial: left to each job
             return shared_folders(overrides, OmegaConf.to_container(sweeper.params) if sweeper.params else None)
         validate(cfg)

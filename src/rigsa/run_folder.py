@@ -72,8 +72,20 @@ def upgraded(tree: dict) -> dict:
     return tree
 
 
+def same_spelling(value):
+    """A path written two ways (`data/x.csv`, `./data/x.csv`, `data//x.csv`, `~/x`) as one string; other values as
+    they are (a hub id like `nyu-mll/glue` is unchanged)."""
+    if isinstance(value, dict):
+        return {key: same_spelling(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [same_spelling(item) for item in value]
+    if isinstance(value, str) and "/" in value and "://" not in value:
+        return os.path.normpath(os.path.expanduser(value))
+    return value
+
+
 def _comparable(cfg: DictConfig) -> dict:
-    tree = upgraded(OmegaConf.to_container(cfg, resolve=True))
+    tree = same_spelling(upgraded(OmegaConf.to_container(cfg, resolve=True)))
     for key in RESUMABLE_KEYS:
         *parents, leaf = key.split(".")
         node = tree

@@ -40,6 +40,18 @@ def check_device(device: str) -> None:
         fail("device", device, "an available Apple MPS device", "pass device=auto or device=cpu")
 
 
+def check_objective(cfg: DictConfig) -> None:
+    """The number a search optimises (hparams_search, a tuned comparison: checked by rigsa-run before the first trial)
+    can be computed by this config: a forgetting weight needs a forgetting suite, a target metric needs the target
+    measured (else every trial would end as a failed NaN)."""
+    if cfg.objective.forgetting_weight and not cfg.eval.forgetting:
+        fail("objective.forgetting_weight", cfg.objective.forgetting_weight, f"0 with eval={cfg.eval.name}, which "
+             "measures no forgetting", "pass eval=offline, or objective.forgetting_weight=0")
+    if str(cfg.objective.metric).startswith("target.") and not cfg.eval.target:
+        fail("objective.metric", cfg.objective.metric, f"a key results.json holds with eval={cfg.eval.name} (it "
+             "measures no target score)", "pass eval=target, or another objective.metric")
+
+
 def check_positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
     value = OmegaConf.select(cfg, key)
     if value is None or value < 0 or (value == 0 and not allow_zero):

@@ -18,6 +18,9 @@ from test_reliability import files_of
 BASE = ["model=tiny", "pruning=none", "eval=none", "logger=none", "task.image_size=7", "task.train_size=64",
         "task.val_size=0", "task.test_size=40", "train.max_steps=2", "dtype=float32"]
 SPARSE = ["method=sparta", "method.selection=magnitude", "method.budget.density=null"]
+# a researcher's own data (the files are made by the `world` fixture)
+OWN = ["method=lora", "task=classification", "task.text_column=review", "task.label_column=sentiment",
+       "task.labels=[neg,pos]", "task.label_words=[Bad,Good]"]
 
 # (overrides, the error line must contain this, the model may load first)
 CATALOGUE = [
@@ -94,6 +97,21 @@ CATALOGUE = [
     (["method=lora", "train.eval_every=-1"], "train.eval_every=-1 is invalid: expected a number >= 0", False),
     (["--multirun", "hparams_search=lora_lr", "eval=target"], "objective.forgetting_weight=1.0 is invalid: expected 0 "
                                                               "with eval=target", False),
+    ([*OWN, "task.path={data}/empty.csv"], "task.path='{data}/empty.csv' is invalid: expected a file with rows (this "
+                                            "one is empty)", False),
+    ([*OWN, "task.path={data}/header.csv"], "expected a file with rows (this one has a header and no rows)", False),
+    ([*OWN, "task.path={data}/empty.jsonl"], "expected a file with rows (this one is empty)", False),
+    ([*OWN, "task.path={data}/blank.jsonl"], "expected a file with rows (this one has no rows)", False),
+    ([*OWN, "task.path={data}/nulls.jsonl"], "task.text_column='review' has an empty (null) cell in row 1 of the "
+                                             "data's 'train' split", False),
+    ([*OWN, "task.path={data}/nolabel.jsonl"], "task.label_column='sentiment' has an empty (null) cell in row", False),
+    ([*OWN, "task.path={data}/latin1.csv"], "expected text in task.encoding=utf-8 (line 7 has the byte 0xe9, which "
+                                            "utf-8 cannot decode). Fix: pass task.encoding=<the file's encoding", False),
+    ([*OWN, "task.path={data}/latin1.csv", "task.encoding=klingon"], "task.encoding='klingon' is invalid: expected "
+                                                                     "an encoding Python knows", False),
+    ([*OWN, "task.path={data}/huge.jsonl", "task.splits.column=part"], "row 15 of the test split is 2,000,0", False),
+    ([*OWN, "task.path={data}/reviews.jsonl", "task.splits.column=part", "task.splits.dev=null"],
+     "task.splits.column='part' is invalid: expected a column of the data", False),
     (["method=sparta", "method.budget.density=0"], "method.budget.density=0 is invalid: expected > 0", False),
     (["method=sparta", "method.budget.density=null", "method.budget.params=0"], "method.budget.params=0 is invalid",
      False),
@@ -120,6 +138,24 @@ def world(tmp_path_factory):
     (root / "encoder").mkdir()
     (root / "encoder" / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     (root / "encoder" / "model.safetensors").write_bytes(b"")
+    data = root / "data"
+    data.mkdir()
+    rows = [{"review": f"{'great' if i % 2 else 'awful'} product {i}", "sentiment": "pos" if i % 2 else "neg"}
+            for i in range(30)]
+    (data / "reviews.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (data / "empty.csv").write_bytes(b"")
+    (data / "header.csv").write_text("review,sentiment\n")
+    (data / "empty.jsonl").write_bytes(b"")
+    (data / "blank.jsonl").write_text("\n\n  \n")
+    (data / "nulls.jsonl").write_text('{"review": "good", "sentiment": "pos"}\n{"review": null, "sentiment": "neg"}\n'
+                                      * 15)
+    (data / "nolabel.jsonl").write_text('{"review": "good", "sentiment": null}\n' * 20)
+    lines = ["review,sentiment"] + [f"{row['review']},{row['sentiment']}" for row in rows]
+    lines[6] = "caf\xe9 product 5,pos"  # a latin-1 byte, not utf-8, on line 7
+    (data / "latin1.csv").write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    (data / "huge.jsonl").write_text("".join(json.dumps(dict(row, part=["train", "test"][i % 2])) + "\n"
+                                             for i, row in enumerate(rows))
+                                     + json.dumps({"review": "x" * 2_000_000, "sentiment": "pos", "part": "test"}))
     (root / "broken_tasks").mkdir()
     (root / "broken_tasks" / "broken.yaml").write_text("task: broken\n  dataset_path: [\n")
     return root
@@ -135,19 +171,20 @@ def rigsa_run(arguments, monkeypatch, capsys) -> tuple[int, str]:
 @pytest.mark.parametrize("overrides,message,loads_model", CATALOGUE, ids=[" ".join(case[0][-2:]) for case in CATALOGUE])
 def test_a_bad_input_is_refused_naming_the_value_and_writes_nothing(overrides, message, loads_model, world,
                                                                    monkeypatch, capsys):
-    assert len(CATALOGUE) >= 30
+    assert len(CATALOGUE) >= 70
     finished_before, root_before = files_of(world / "finished"), sorted(path.name for path in world.iterdir())
     loaded = []
     real_load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: loaded.append(1) or real_load(*args, **kwargs))
     monkeypatch.setattr(assets, "hub_unreachable_reason", lambda timeout=5.0: "test: offline")
     paths = {"empty": world / "empty", "encoder": world / "encoder", "lora_run": world / "lora_run",
-             "broken_tasks": world / "broken_tasks"}
-    arguments = [*BASE, f"run.root={world}", "run.name=new", *(item.format(**paths) for item in overrides)]
+             "broken_tasks": world / "broken_tasks", "data": world / "data"}
+    base = [item for item in BASE if not item.startswith("task.")] if "task=classification" in overrides else BASE
+    arguments = [*base, f"run.root={world}", "run.name=new", *(item.format(**paths) for item in overrides)]
     code, error = rigsa_run(arguments, monkeypatch, capsys)
     lines = [line for line in error.splitlines() if line.startswith("rigsa-run: error: ")]
     assert code == 2 and len(lines) == 1, error
-    assert message in lines[0]
+    assert message.format(**paths) in lines[0]
     assert bool(loaded) == loads_model
     assert files_of(world / "finished") == finished_before
     assert sorted(path.name for path in world.iterdir()) == root_before  # no run folder was written

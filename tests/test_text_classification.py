@@ -185,39 +185,6 @@ def latin1_reviews(path: Path) -> Path:
     return path
 
 
-# (file name, its bytes or a writer, extra overrides, the message)
-BAD_FILES = [
-    ("empty.csv", b"", [], "task.path='{path}' is invalid: expected a file with rows (this one is empty)"),
-    ("header.csv", b"review,sentiment\n", [], "expected a file with rows (this one has a header and no rows)"),
-    ("blank.jsonl", b"\n\n  \n", [], "expected a file with rows (this one has no rows)"),
-    ("empty.jsonl", b"", [], "expected a file with rows (this one is empty)"),
-    ("nulls.jsonl", b'{"review": "good", "sentiment": "pos"}\n{"review": null, "sentiment": "neg"}\n' * 15, [],
-     "task.text_column='review' has an empty (null) cell in row"),
-    ("nolabel.jsonl", b'{"review": "good", "sentiment": null}\n' + b'{"review": "bad", "sentiment": "neg"}\n' * 20, [],
-     "task.label_column='sentiment' has an empty (null) cell in row 0 of the data's 'train' split"),
-    ("latin1.csv", latin1_reviews, [], "expected text in task.encoding=utf-8 (line 7 has the byte 0xe9, which utf-8 "
-                                       "cannot decode). Fix: pass task.encoding=<the file's encoding"),
-    ("latin1.csv", latin1_reviews, ["task.encoding=klingon"], "task.encoding='klingon' is invalid: expected an "
-                                                              "encoding Python knows"),
-    ("huge.jsonl", "\n".join([json.dumps(dict(row, part=["train", "test"][i % 2])) for i, row in enumerate(ROWS)] + [
-        json.dumps({"review": "x" * 2_000_000, "sentiment": "pos", "part": "test"})]).encode(),
-     ["task.splits.column=part"], "row 15 of the test split is 2,000,0"),
-]
-
-
-@pytest.mark.parametrize("name,content,overrides,message", BAD_FILES, ids=[f"{case[0]}{case[2]}" for case in BAD_FILES])
-def test_a_bad_data_file_is_refused_by_name_before_the_model_loads(name, content, overrides, message, tmp_path,
-                                                                   monkeypatch):
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    path = tmp_path / name
-    content(path) if callable(content) else path.write_bytes(content)
-    cfg = compose(TINY_TEXT + OWN + [f"task.path={path}", f"run.root={tmp_path / 'runs'}", *overrides])
-    with pytest.raises(ConfigError) as error:
-        run(cfg, tmp_path / "runs" / "run")
-    assert message.format(path=path) in str(error.value) and "Fix:" in str(error.value), str(error.value)
-    assert not (tmp_path / "runs").exists()
-
-
 def test_an_absurdly_long_training_row_is_dropped_and_counted_without_being_tokenized(tmp_path, tokenizer, monkeypatch):
     from rigsa.tasks import build_task
 

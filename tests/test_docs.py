@@ -26,7 +26,7 @@ def commands() -> list[tuple[str, str]]:
         text = page.read_text()
         for block in re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
-                if line.strip().startswith("rigsa-run"):
+                if line.strip().startswith("rigsa-run") and not line.strip().startswith("rigsa-run:"):  # not output
                     found.append((page.name, line.strip()))
         prose = re.sub(r"```.*?```", "", text, flags=re.S)
         found += [(page.name, span) for span in re.findall(r"`(rigsa-run[^`]*)`", prose) if "..." not in span]

@@ -47,7 +47,7 @@ def last_line(result: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+@pytest.mark.parametrize("sweep", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["run", "sweep"])
 def test_a_read_only_run_root_is_refused_with_exit_4_before_any_work(tmpfs, sweep):
     root = tmpfs("64k", read_only=True) / "runs"
     arguments = ["--multirun", *TINY, "seed=0,1"] if sweep else list(TINY)

@@ -80,8 +80,11 @@ def test_a_tuned_comparison_searches_on_validation_only_runs_the_choice_and_reco
         best = min(complete, key=lambda trial: trial["value"])
         assert selection["chosen"] == {"trial": best["number"], "params": best["params"], "value": best["value"]}
 
-        # the final run is the plain command at the chosen rate: the same numbers, the same adapter bytes
         final = root / f"{row}-seed0"
+        assert json.loads((final / "results.json").read_text())["target"]["split"] == "test"
+        if row != "lora_r8":
+            continue
+        # the final run is the plain command at the chosen rate: the same numbers, the same adapter bytes
         chosen_lr = best["params"]["train.lr"]
         plain_root = tmp_path / "plain"
         plain = rigsa_run(*[arg for arg in TUNED if not arg.startswith("hydra")], f"variant={row}",
@@ -110,12 +113,13 @@ def test_a_tuned_comparison_searches_on_validation_only_runs_the_choice_and_reco
 
 
 def test_a_trial_the_pruner_stops_is_recorded_as_pruned(tmp_path):
-    # The seeded sampler asks 1e-12, 0.01, 1e-12 (its random start; checked below). At 1e-12 the validation loss
-    # does not move, at 0.01 it drops; once both finished (startup_trials=2), the third trial's loss at its first
-    # validation is worse than their median, so the pruner stops it there.
+    # The sampler seeds 1, 2, 3 of trials 0, 1, 2 ask 1e-12, 0.01, 1e-12 (the random start; checked below). At
+    # 1e-12 the validation loss does not move, at 0.01 it drops; once both finished (startup_trials=2), the third
+    # trial's loss at its first validation is worse than their median, so the pruner stops it there.
     root = tmp_path / "tuned"
     result = rigsa_run("--multirun", *TUNED, "variant=lora_r8", "seed=0", f"run.root={root}",
                        "hydra.sweeper.pruner.startup_trials=2", "hydra.sweeper.final_runs=false",
+                       "hydra.sweeper.sampler_seed=1",
                        "hydra.sweeper.space={train.lr: 'choice(0.01, 1e-12)'}")
     assert result.returncode == 0, result.stderr[-3000:]
     selection = yaml.safe_load((root / "search" / "lora_r8" / "selection.yaml").read_text())
@@ -205,15 +209,20 @@ def test_a_validation_measures_accuracy_and_loss_in_one_pass_equal_to_the_traini
 
 
 def test_a_search_stopped_after_some_trials_asks_the_same_next_trial_as_one_that_ran_through(tmp_path):
+    import optuna
+
     common = ["--multirun", *TUNED, "variant=lora_r8", "seed=0", "hydra.sweeper.final_runs=false",
-              "hydra.sweeper.pruner.startup_trials=5"]
-    through = rigsa_run(*common, f"run.root={tmp_path / 'through'}")
-    assert through.returncode == 0, through.stderr[-3000:]
-    stopped = rigsa_run(*common, f"run.root={tmp_path / 'resumed'}", "hydra.sweeper.n_trials=2")
+              "hydra.sweeper.pruner.startup_trials=5", f"run.root={tmp_path}"]
+    stopped = rigsa_run(*common, "hydra.sweeper.n_trials=2")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    resumed = rigsa_run(*common, f"run.root={tmp_path / 'resumed'}")  # the rest of the search, in a new process
+    resumed = rigsa_run(*common)  # the rest of the search, in a new process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "sweep: 1 jobs: 1 done" in resumed.stdout  # only the missing trial ran
-    trials = [[trial["params"] for trial in yaml.safe_load((tmp_path / name / "search" / "lora_r8" / "selection.yaml")
-                                                           .read_text())["trials"]] for name in ("through", "resumed")]
-    assert trials[0] == trials[1] and len({str(params) for params in trials[0]}) == 3  # the same 3 distinct rates
+    trials = [trial["params"]["train.lr"] for trial in yaml.safe_load(
+        (tmp_path / "search" / "lora_r8" / "selection.yaml").read_text())["trials"]]
+    # what a search that ran through asks: trial N from a sampler seeded N (in its random start, whatever came before)
+    space = {"train.lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)}  # rigsa_tuned.yaml's default
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    through = [optuna.create_study(sampler=optuna.samplers.TPESampler(seed=number)).ask(space).params["train.lr"]
+               for number in range(3)]
+    assert trials == pytest.approx(through, rel=1e-12) and len(set(trials)) == 3  # the same 3 distinct rates

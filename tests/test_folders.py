@@ -45,11 +45,16 @@ def test_a_sweep_job_refused_at_a_finished_folder_writes_nothing_into_it(tmp_pat
     assert json.loads((tmp_path / "done" / "results.json").read_text())["train"]["steps"] == 4
 
 
-def test_paths_in_a_config_compare_by_what_they_name_not_how_they_are_written():
+def test_paths_in_a_config_compare_by_what_they_name_not_how_they_are_written(tmp_path, monkeypatch):
     from rigsa.run_folder import same_spelling
 
-    assert same_spelling({"task": {"path": "./data//reviews.csv", "hub_id": "nyu-mll/glue"},
-                          "eval": {"include_path": ["~/tasks/", "tasks/../tasks"]}, "train": {"lr": 0.001}}) == {
-        "task": {"path": "data/reviews.csv", "hub_id": "nyu-mll/glue"},
-        "eval": {"include_path": [str(Path.home() / "tasks"), "tasks"]}, "train": {"lr": 0.001}}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "reviews.csv").write_text("review,label\n")
+    (tmp_path / "linked.csv").symlink_to(tmp_path / "data" / "reviews.csv")
+    real = str((tmp_path / "data" / "reviews.csv").resolve())
+    for spelling in ("data/reviews.csv", "./data//reviews.csv", real, str(tmp_path / "linked.csv")):
+        assert same_spelling({"task": {"path": spelling}}) == {"task": {"path": real}}, spelling
+    assert same_spelling({"hub_id": "nyu-mll/glue", "lr": 0.001, "missing": "gone//x/./y"}) == {
+        "hub_id": "nyu-mll/glue", "lr": 0.001, "missing": "gone/x/y"}  # not on disk: only normalized
     assert same_spelling("https://example.org/a//b") == "https://example.org/a//b"  # a URL is left as written

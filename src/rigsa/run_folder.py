@@ -73,14 +73,16 @@ def upgraded(tree: dict) -> dict:
 
 
 def same_spelling(value):
-    """A path written two ways (`data/x.csv`, `./data/x.csv`, `data//x.csv`, `~/x`) as one string; other values as
-    they are (a hub id like `nyu-mll/glue` is unchanged)."""
+    """A path written several ways as one string: an existing file or folder by its real absolute path (`data/x.csv`
+    from the run's folder, `./data/x.csv`, `/home/me/proj/data/x.csv`, a link to it), any other path-like string
+    normalized (`a//b/./c` is `a/b/c`, `~` expanded); a hub id like `nyu-mll/glue` and other values as they are."""
     if isinstance(value, dict):
         return {key: same_spelling(item) for key, item in value.items()}
     if isinstance(value, list):
         return [same_spelling(item) for item in value]
-    if isinstance(value, str) and "/" in value and "://" not in value:
-        return os.path.normpath(os.path.expanduser(value))
+    if isinstance(value, str) and ("/" in value or value.startswith("~")) and "://" not in value:
+        path = os.path.expanduser(value)
+        return os.path.realpath(path) if os.path.exists(path) else os.path.normpath(path)
     return value
 
 

@@ -152,7 +152,8 @@ def auto_label(config: dict, varying: list[str], others: list[dict] | None = Non
             break
         if key not in chosen and config.get(key) is not None:
             chosen.append(key)
-    return ", ".join(shown(key) for key in chosen) or str(config.get("variant") or config.get("method.name") or "all runs")
+    fallback = config.get("variant") or config.get("method.name") or "all runs"  # nothing differs: name the method
+    return ", ".join(shown(key) for key in chosen) or str(fallback)
 
 
 def matches(config: dict, match: dict) -> bool:

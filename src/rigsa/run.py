@@ -280,8 +280,8 @@ def measure_base(cfg: DictConfig, base: Base, data, device: torch.device) -> Bas
         task_key = data.test_key if split is data.test else {"validation": test_set_key(split, data.label_words)}
         key = {"model": base.fingerprint, "task": task_key, "dtype": cfg.dtype, "readout": readout.kind,
                "head": models.hash_tensors((str(n), p) for n, p in enumerate(readout.trainable_parameters()))}
-        target, _ = timed(lambda r: f"base model: {cfg.eval.split} {data.metric} {r['metrics'][data.metric]:.4f} on {r['n']} "
-                                    f"examples ({readout.kind} readout)",
+        target, _ = timed(lambda r: f"base model: {cfg.eval.split} {data.metric} {r['metrics'][data.metric]:.4f} on "
+                                    f"{r['n']} examples ({readout.kind} readout)",
                           lambda: cached("base_target", key,
                                          lambda: base.on_device(lambda: accuracy_on_test(base.model, data, readout, cfg,
                                                                                          device)),
@@ -375,7 +375,8 @@ def record(cfg: DictConfig, method: Method, base: Base, scores: BaseScores, adap
                    "metrics": final and final["metrics"], "readout": readout.kind,
                    "head_params": adapted.head_params, "label_words": data.label_words,
                    "split": cfg.eval.split, "loss": final and final.get("loss"),
-                   "test_size": len(target_split(data, cfg)), "train_size": len(data.train), "dropped_train": data.dropped_train,
+                   "test_size": len(target_split(data, cfg)), "train_size": len(data.train),
+                   "dropped_train": data.dropped_train,
                    "base_answer_counts": target and target["answer_counts"],
                    "answer_counts": final and final["answer_counts"]},
         "train": {"steps": training.steps, "seconds": training.seconds, "tokens": training.tokens,
@@ -391,9 +392,10 @@ def record(cfg: DictConfig, method: Method, base: Base, scores: BaseScores, adap
     }
     tracker.finish(results, adapter_dir, cfg.logger.log_adapter)
     if final is not None:
-        print(f"{method.name} on {cfg.task.name}: {cfg.eval.split} {data.metric} {target['metrics'][data.metric]:.4f} (base) -> "
-              f"{final['metrics'][data.metric]:.4f} (adapted) on {len(target_split(data, cfg))} examples; trained {training.steps} "
-              f"steps in {training.seconds / 60:.1f} min ({results['train']['tokens_per_second']:.0f} tokens/s)")
+        print(f"{method.name} on {cfg.task.name}: {cfg.eval.split} {data.metric} {target['metrics'][data.metric]:.4f} "
+              f"(base) -> {final['metrics'][data.metric]:.4f} (adapted) on {len(target_split(data, cfg))} examples; "
+              f"trained {training.steps} steps in {training.seconds / 60:.1f} min "
+              f"({results['train']['tokens_per_second']:.0f} tokens/s)")
     print(f"results: {run_dir / 'results.json'}")
     return results
 

@@ -14,7 +14,8 @@ comparison (each combination of the swept keys in `params` or on the command lin
 2. **selection**: the complete trial with the best `objective` (default: the lowest validation loss, as SpaRTA
    selects), written with every trial's value and state to `<run.root>/search/<row>/selection.yaml`.
 3. **final runs**: the row at the chosen setting, once per seed (the values of `seed` in `params` or on the
-   command line; the search runs at the first; `final_runs=false` stops after the searches), as plain jobs in run.root/run.name: the same
+   command line; the search runs at the first; `final_runs=false` stops after the searches), as plain jobs in
+   run.root/run.name: the same
    folders (and results) the plain command `rigsa-run <row> <chosen setting> seed=S` gives.
 
 A row whose search ends without one complete trial gets no final runs; the sweep then ends with an error naming
@@ -57,7 +58,8 @@ class RigsaTunedSweeper(Sweeper):
         self.params, self.space = dict(params or {}), dict(space)
         self.space_by_method = {key: dict(value) for key, value in (space_by_method or {}).items()}
         self.search_overrides = list(search_overrides)
-        self.search_overrides_by_method = {key: list(value) for key, value in (search_overrides_by_method or {}).items()}
+        self.search_overrides_by_method = {key: list(value)
+                                           for key, value in (search_overrides_by_method or {}).items()}
         self.n_trials, self.n_jobs = n_trials, n_jobs
         self.sampler_seed, self.pruner = sampler_seed, dict(pruner)
         self.objective, self.direction, self.final_runs = objective, direction, final_runs
@@ -120,8 +122,8 @@ class RigsaTunedSweeper(Sweeper):
         distributions = {item.get_key_element(): distribution(item)
                          for item in parser.parse_overrides([f"{key}={value}" for key, value in space.items()])}
         storage = journal_storage(folder / STUDY_FILE)
-        settings = dict(study_name=STUDY_NAME, storage=storage, sampler=optuna.samplers.TPESampler(seed=self.sampler_seed),
-                        pruner=median_pruner(self.pruner))
+        settings = dict(study_name=STUDY_NAME, storage=storage, pruner=median_pruner(self.pruner),
+                        sampler=optuna.samplers.TPESampler(seed=self.sampler_seed))
         if STUDY_NAME in {summary.study_name for summary in optuna.get_all_study_summaries(storage)}:
             study = optuna.load_study(**settings)  # a resubmitted search: read, nothing appended
         else:
@@ -168,7 +170,8 @@ class RigsaTunedSweeper(Sweeper):
         counts = {state.name.lower(): sum(trial.state == state for trial in study.trials)
                   for state in (states.COMPLETE, states.PRUNED, states.FAIL)}
         record = {
-            "row": row, "objective": self.objective, "direction": self.direction, "space": space, "n_trials": self.n_trials,
+            "row": row, "objective": self.objective, "direction": self.direction, "space": space,
+            "n_trials": self.n_trials,
             "pruner": self.pruner, "sampler_seed": self.sampler_seed, "counts": counts,
             "chosen": None if best is None else {"trial": best.number, "params": best.params, "value": best.value},
             "reason": (f"the {'lowest' if self.direction == 'minimize' else 'highest'} {self.objective} of "

@@ -134,7 +134,7 @@ def load_table(task: DictConfig):
     """The rows as a DatasetDict of named splits (one `train` split for a single file)."""
     import datasets
 
-    text_options = {"encoding": task.encoding}
+    text_options = {"encoding": task.encoding}  # csv and json read text; parquet is binary
     try:
         if task.path:
             builder = file_format(task.path, "task.path")
@@ -143,13 +143,15 @@ def load_table(task: DictConfig):
             if builder == "saved":
                 loaded = datasets.load_from_disk(path)
             else:
-                loaded = datasets.load_dataset(builder, data_files=path, **(text_options if builder != "parquet" else {}))
+                options = text_options if builder != "parquet" else {}
+                loaded = datasets.load_dataset(builder, data_files=path, **options)
         elif task.data_files:
             files = {split: os.path.expanduser(path) for split, path in task.data_files.items()}
             builder = file_format(next(iter(files.values())), "task.data_files")
             for split, path in task.data_files.items():
                 check_text_file(path, f"task.data_files.{split}", task.encoding)
-            loaded = datasets.load_dataset(builder, data_files=files, **(text_options if builder != "parquet" else {}))
+            options = text_options if builder != "parquet" else {}
+            loaded = datasets.load_dataset(builder, data_files=files, **options)
         else:
             loaded = datasets.load_dataset(task.hub_id, task.hub_config, revision=task.revision)
     except ConfigError:

@@ -118,7 +118,7 @@ def test_second_run_hits_the_base_cache(tiny_cfg, tmp_path, monkeypatch, capsys,
     assert len(calls) == 3 and "(cached)" in capsys.readouterr().out  # only the adapted model was evaluated
     for results in (first, second):
         block = results["forgetting"]
-        assert set(block["tasks"]) == {"rigsa_gsm8k_bpb", "rigsa_gsm8k"}
+        assert set(block["tasks"]) == {"rigsa_gsm8k_bpb", "rigsa_prose_bpb", "rigsa_gsm8k"}
         row = block["tasks"]["rigsa_gsm8k_bpb"]["bits_per_byte"]
         assert row["forgetting"] == pytest.approx(row["adapted"] - row["base"])
     assert first["forgetting"]["tasks"]["rigsa_gsm8k_bpb"]["bits_per_byte"]["base"] == \

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TINY
 
 from rigsa.run import run
@@ -29,6 +30,7 @@ def test_one_folder_through_two_spellings_and_after_a_move_is_the_same_finished_
     assert moved == first and files(tmp_path / "moved" / "x" / "one") == written
 
 
+@pytest.mark.slow  # several rigsa-run processes or an lm-eval run (10-25 s): make test-slow
 def test_a_sweep_job_refused_at_a_finished_folder_writes_nothing_into_it(tmp_path):
     arguments = [*TINY, f"run.root={tmp_path}", "run.name=done"]
     code = "from rigsa.cli import run_main; run_main()"

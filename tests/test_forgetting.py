@@ -46,6 +46,7 @@ def test_forget_ratio_and_collapse_arithmetic():
     assert block["collapsed"] == 1 and block["tasks"]["a"]["word_perplexity"]["forgetting"] == 800.0
 
 
+@pytest.mark.slow  # several rigsa-run processes or an lm-eval run (10-25 s): make test-slow
 def test_packaged_gsm8k_and_prose_tasks_run_offline_on_tiny(tmp_path, monkeypatch, capfd, caplog):
     model, tokenizer = tiny()
     cfg = compose(TINY + SMALL_OFFLINE)

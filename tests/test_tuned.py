@@ -133,6 +133,7 @@ def test_a_trial_the_pruner_stops_is_recorded_as_pruned(tmp_path):
     assert not (root / "lora_r8-seed0").exists()  # final_runs=false: searched and selected only
 
 
+@pytest.mark.slow  # several rigsa-run processes or an lm-eval run (10-25 s): make test-slow
 def test_a_search_whose_trials_all_fail_ends_non_zero_naming_the_row(tmp_path):
     root = tmp_path / "tuned"
     result = rigsa_run("--multirun", *TUNED, "variant=lora_r8", "seed=0", f"run.root={root}", "hydra.sweeper.n_trials=1",
@@ -208,6 +209,7 @@ def test_a_validation_measures_accuracy_and_loss_in_one_pass_equal_to_the_traini
         assert measured["n"] == 20
 
 
+@pytest.mark.slow  # several rigsa-run processes or an lm-eval run (10-25 s): make test-slow
 def test_a_search_stopped_after_some_trials_asks_the_same_next_trial_as_one_that_ran_through(tmp_path):
     import optuna
 

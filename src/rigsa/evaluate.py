@@ -111,4 +111,3 @@ def accuracy_problem(result, n: int, answers: int) -> str | None:
     if not isinstance(result["metrics"], dict) or result["metrics"].get("accuracy") != result["accuracy"]:
         return "its metrics do not hold its accuracy"
     return None
-

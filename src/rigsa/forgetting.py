@@ -189,7 +189,8 @@ def task_folder(suite: DictConfig) -> Path:
     data_dir = writable(assets.cache_root() / "lm_eval_data")
     if not (data_dir / "gsm8k_eval.jsonl").exists():
         _prepare_gsm8k(data_dir)
-    if not (data_dir / "prose_eval.jsonl").exists() and any(task.task == "rigsa_prose_bpb" for task in suite.forgetting):
+    prose_needed = any(task.task == "rigsa_prose_bpb" for task in suite.forgetting)
+    if prose_needed and not (data_dir / "prose_eval.jsonl").exists():
         _prepare_prose(data_dir)
     for template in TEMPLATES.glob("*.yaml"):
         text = template.read_text().replace("__DATA_DIR__", str(data_dir))
@@ -256,23 +257,25 @@ def task_limit(suite: DictConfig, task) -> float | None:
 
 def check_suite(suite: DictConfig, fail) -> None:
     """The suite's values, checked before any model loads (called by rigsa.validate.validate)."""
+    import yaml
+
     if suite.limit is not None and suite.limit <= 0:
         fail("eval.limit", suite.limit, "null (each task's own limit) or > 0", "pass eval.limit=100")
     for folder in suite.include_path:
         if not Path(folder).expanduser().is_dir():
             fail("eval.include_path", folder, "existing folders of lm-eval task YAMLs", "check the path")
-    import yaml
-
+    known = {path.stem for path in TEMPLATES.glob("*.yaml")}  # rigsa's tasks, and below the include paths' own
     for folder in include_paths(suite):
         for path in sorted(folder.rglob("*.y*ml")):
             try:
-                read_task_yaml(path)
+                name = read_task_yaml(path).get("task")
             except (yaml.YAMLError, UnicodeDecodeError) as error:
                 where = getattr(error, "problem_mark", None)
                 fail("eval.include_path", str(folder), f"folders of readable lm-eval task YAMLs, but {path} is not "
                      f"valid YAML ({getattr(error, 'problem', None) or type(error).__name__}"
                      + (f", line {where.line + 1})" if where else ")"), f"fix or remove {path.name}")
-    known = {path.stem for path in TEMPLATES.glob("*.yaml")} | set(user_tasks(suite))
+            if isinstance(name, str):
+                known.add(name)
     for number, task in enumerate(suite.forgetting):
         close = difflib.get_close_matches(str(task.task), sorted(known), n=1, cutoff=0.8)
         if task.task not in known and close and not is_yaml_path(task.task) and not lm_eval_task_file(task.task):

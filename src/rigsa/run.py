@@ -104,7 +104,7 @@ def target_split(data, cfg: DictConfig):
     return data.val if cfg.eval.split == "validation" else data.test
 
 
-def accuracy_on_test(model, data, readout: Readout, cfg: DictConfig, device: torch.device, limit: int = 0) -> dict:
+def target_score(model, data, readout: Readout, cfg: DictConfig, device: torch.device, limit: int = 0) -> dict:
     """The target score on eval.split (the test split unless a search measures on validation), and on the validation
     split also the mean loss there: the search's default objective."""
     return target_accuracy(model, target_split(data, cfg), readout, cfg.eval.batch_size, device, cfg.dtype, limit,
@@ -176,7 +176,7 @@ def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig,
             row = {"phase": phase.name, "trainable_params": count_trainable(method, readout), **method.stats()}
             if cfg.eval.target:
                 limit = 0 if last else cfg.eval.iteration_test_size
-                adapted = accuracy_on_test(model, data, readout, cfg, device, limit)
+                adapted = target_score(model, data, readout, cfg, device, limit)
                 row["accuracy"], row["test_size"] = adapted["accuracy"], adapted["n"]
             if forgetting_now is not None and not last:
                 block = forgetting_now()
@@ -187,7 +187,7 @@ def train_phases(model, method: Method, readout: Readout, data, cfg: DictConfig,
             log.info("pruned (iteration %d): %s", phase.prune.iteration, method.prune(phase.prune))
             adapted = None  # measured before this prune
     if cfg.eval.target and adapted is None:
-        adapted = accuracy_on_test(model, data, readout, cfg, device)
+        adapted = target_score(model, data, readout, cfg, device)
     if result.early_stopping is not None:  # a single phase (early stopping refuses a pruning schedule)
         offset = result.steps
     return Training(offset, seconds, tokens, result.final_loss, resumed, skipped, iterations, adapted, memory,
@@ -283,7 +283,7 @@ def measure_base(cfg: DictConfig, base: Base, data, device: torch.device) -> Bas
         target, _ = timed(lambda r: f"base model: {cfg.eval.split} {data.metric} {r['metrics'][data.metric]:.4f} on "
                                     f"{r['n']} examples ({readout.kind} readout)",
                           lambda: cached("base_target", key,
-                                         lambda: base.on_device(lambda: accuracy_on_test(base.model, data, readout, cfg,
+                                         lambda: base.on_device(lambda: target_score(base.model, data, readout, cfg,
                                                                                          device)),
                                          check=lambda r: accuracy_problem(r, len(split), readout.num_classes)))
     if cfg.eval.forgetting:
@@ -324,7 +324,7 @@ def attach_and_train(cfg: DictConfig, method: Method, base: Base, scores: BaseSc
         quantized_base = measured_once(run_dir / QUANTIZED_BASE_FILE, lambda: adapted_forgetting(
             model, base.tokenizer, cfg, device, scores.suite, "4-bit base before training"))
     if initial_trainable == 0:  # the base as loaded, measured already; a 4-bit copy of it is measured here
-        final = (accuracy_on_test(model, data, readout, cfg, device) if cfg.eval.target and cfg.model.quantize
+        final = (target_score(model, data, readout, cfg, device) if cfg.eval.target and cfg.model.quantize
                  else scores.target)
         training = Training(0, 0.0, 0, None, {}, 0, [], final, {})
     else:

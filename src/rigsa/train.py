@@ -133,8 +133,8 @@ def train(model: nn.Module, method, data, train_cfg: DictConfig, *, readout, see
     tokens, losses, zero_gradient_run = tokens_before, [], 0
     clock = time.perf_counter()
     progress = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0)
-    last = start if stopper is None or stopper.stopped_at is None else steps  # a run that stopped early stays stopped
-    for step in range(last, steps):
+    first = start if stopper is None or stopper.stopped_at is None else steps  # a run that stopped early stays stopped
+    for step in range(first, steps):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(train_cfg.grad_accum):

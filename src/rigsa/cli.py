@@ -1,4 +1,5 @@
-"""Console entry points: `rigsa-run` (Hydra), `rigsa-assets`, `rigsa-convert-gguf`, `rigsa-report`, `rigsa-apply`.
+"""Console entry points: `rigsa-run` and `rigsa-merge` (Hydra), `rigsa-assets`, `rigsa-convert-gguf`, `rigsa-report`,
+`rigsa-apply`.
 No logic lives here."""
 from __future__ import annotations
 
@@ -213,6 +214,71 @@ def report_entry() -> None:
     from rigsa.report import main
 
     sys.exit(main())
+
+
+@hydra.main(config_path="conf", config_name="merge", version_base="1.3")
+def _merge_hydra_main(cfg: DictConfig) -> float:
+    from hydra.types import RunMode
+
+    from rigsa.adapters import AdapterMismatch
+    from rigsa.merging.run import merge_run
+    from rigsa.sweep import run_job
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return run_job(cfg, run_dir, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN, run=merge_run)
+    except (*REFUSED, AdapterMismatch) as error:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        print(f"rigsa-merge: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_REFUSED)
+
+
+def merge_refusal(overrides: list[str]) -> str | None:
+    """Why a single `rigsa-merge` would be refused, before Hydra makes its folder and before any model loads."""
+    from rigsa import forgetting, run_folder
+    from rigsa.merging.run import settings_of
+    from rigsa.merging.sources import check_sources, read_source
+
+    try:
+        cfg = compose(overrides, config_name="merge")
+        check_declared(cfg)
+        settings_of(cfg)
+        check_sources([read_source(folder) for folder in cfg.adapters])
+        forgetting.check_hub(cfg.eval)
+        run_folder.inspect(cfg, Path(cfg.run.root) / cfg.run.name)
+    except REFUSED as error:
+        return str(error)
+    except Exception:  # noqa: BLE001  Hydra's own composition errors: Hydra reports them itself
+        return None
+    return None
+
+
+def merge_main() -> None:
+    """`rigsa-merge`; mergekit=<file> becomes the overrides it stands for (rigsa.merging.mergekit)."""
+    from rigsa.merging.mergekit import overrides_from
+
+    arguments = sys.argv[1:]
+    for argument in arguments:
+        if argument.startswith("mergekit=") and argument != "mergekit=null":
+            try:
+                sys.argv += overrides_from(argument.split("=", 1)[1])
+            except ConfigError as error:
+                print(f"rigsa-merge: error: {error}", file=sys.stderr)
+                sys.exit(EXIT_REFUSED)
+    single = [a for a in sys.argv[1:] if not a.startswith("-")]
+    if not any(a in ("-m", "--multirun") for a in sys.argv[1:]) and len(single) == len(sys.argv[1:]):
+        message = merge_refusal(single)
+        if message:
+            print(f"rigsa-merge: error: {message}", file=sys.stderr)
+            sys.exit(EXIT_REFUSED)
+    from rigsa import sweep
+
+    _merge_hydra_main()
+    failed = sweep.failed_jobs()
+    if failed:
+        print(f"rigsa-merge: error: {len(failed)} sweep job(s) failed: " + ", ".join(failed), file=sys.stderr)
+        sys.exit(EXIT_FAILED)
 
 
 def apply_entry() -> None:

@@ -97,11 +97,16 @@ ObjectiveConfig = declare("ObjectiveConfig", metric=str, forgetting_weight=float
 RigsaConfig = declare("RigsaConfig", model=Any, method=Any, task=Any, pruning=Any, eval=Any, logger=Any, seed=int,
                       variant=OptionalText, device=str, dtype=str, train=TrainConfig, run=RunDirConfig, report=ReportConfig,
                       objective=ObjectiveConfig, optuna_trial=Optional[int])
+# rigsa-merge's config (conf/merge.yaml): the adapters by run folder, the method and its parameters
+MergeConfig = declare("MergeConfig", adapters=Names, weights=Optional[List[float]], merge_method=str, density=Any,
+                      scale=float, majority_sign=str, seed=int, mergekit=OptionalText, name=str, device=str,
+                      threads=int, eval=Any, run=RunDirConfig, report=ReportConfig, objective=ObjectiveConfig)
 
 
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="rigsa_schema", node=RigsaConfig)
+    cs.store(name="rigsa_merge_schema", node=MergeConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/model", name="tiny", node=TinyModelConfig)
     cs.store(group="schema/method", name="full", node=FullMethodConfig)
@@ -126,6 +131,12 @@ def folder_name(path: str | None, default: str) -> str:
     return os.path.basename(os.path.normpath(os.path.expanduser(path))) if path else default
 
 
+# ${rigsa_asset:sentiment}/tweets.jsonl in conf/task/sentiment_*.yaml: the fetched asset's folder
+if not OmegaConf.has_resolver("rigsa_asset"):
+    from rigsa.assets import expected_path
+
+    OmegaConf.register_new_resolver("rigsa_asset", expected_path)
+
 # ${rigsa_folder_name:${.path},local} in conf/model/local.yaml
 if not OmegaConf.has_resolver("rigsa_folder_name"):
     OmegaConf.register_new_resolver("rigsa_folder_name", folder_name)
@@ -139,14 +150,14 @@ def options(group: str) -> list[str]:
     return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
 
 
-def compose(overrides: list[str] | None = None, with_hydra: bool = False) -> DictConfig:
+def compose(overrides: list[str] | None = None, with_hydra: bool = False, config_name: str = "config") -> DictConfig:
     """Compose the run config outside the CLI (tests, notebooks), exactly as `rigsa-run` does (with Hydra's own
-    node when `with_hydra`: a sweep's hydra.sweeper.params)."""
+    node when `with_hydra`: a sweep's hydra.sweeper.params); config_name="merge": `rigsa-merge`'s."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=with_hydra)
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=with_hydra)
 
 
 # ---------------------------------------------------------------- value checks

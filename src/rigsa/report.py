@@ -19,8 +19,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rigsa.report_compare import (add_selection_columns, confusion_markdown, differences_markdown, one_class_markdown,
-                                  read_selections)
+from rigsa.report_compare import (add_selection_columns, confusion_markdown, differences_markdown, merged_tasks_markdown,
+                                  one_class_markdown, read_selections)
 from rigsa.run_folder import has_checkpoint, upgraded
 
 # Config keys that do not change what a run computes (a seed is what a row averages over).
@@ -333,7 +333,7 @@ def setting_report(runs: list[Run], spec: dict | None, selections: list[dict], o
     if len(reported) < len(runs):
         text += f"\n{len(runs) - len(reported)} other runs here are not in this table.\n"
     text += "\n" + differences_markdown(rows)
-    text += one_class_markdown(shown) + confusion_markdown(shown)
+    text += one_class_markdown(shown) + confusion_markdown(shown) + merged_tasks_markdown(rows)
     folder = out / name if name else out
     folder.mkdir(parents=True, exist_ok=True)
     return text, records, write_figures(rows, base, folder, selections), (headers, cells)

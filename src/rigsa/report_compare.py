@@ -163,3 +163,35 @@ def confusion_markdown(rows) -> str:
         lines += [f"| {i} | " + " | ".join(str(count) for count in counts) + " |" for i, counts in enumerate(total)]
         parts.append("\n".join(lines) + "\n")
     return "".join(parts)
+
+
+def merged_tasks_markdown(rows) -> str:
+    """For merges (rigsa-merge): each source task's score of the base, of its own adapter and of the merged model,
+    means over the row's seeds, and what the merge kept of the adapter's gain over the base."""
+    tasks = list(dict.fromkeys(task for row in rows for run in row.runs if run.results.get("kind") == "merge"
+                               for task in run.results.get("tasks") or {}))
+    if not tasks:
+        return ""
+
+    def mean_of(row, task: str, key: str):
+        values = [((run.results.get("tasks") or {}).get(task) or {}).get(key) for run in row.runs]
+        values = [value for value in values if value is not None]
+        return sum(values) / len(values) if values else None
+
+    def shown(value) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    lines = ["\nPer source task (test split; %): base model, the task's own adapter, the merged model, and the share "
+             "of the adapter's gain over the base that the merge kept (merged - base) / (adapter - base):", "",
+             "| merge | " + " | ".join(f"{task}: base | adapter | merged | kept" for task in tasks) + " |",
+             "|---|" + "---|---|---|---|" * len(tasks)]
+    for row in rows:
+        if not any(run.results.get("kind") == "merge" for run in row.runs):
+            continue
+        cells = []
+        for task in tasks:
+            base, own, merged = (mean_of(row, task, key) for key in ("base", "individual", "merged"))
+            gain = None if None in (base, own, merged) or own == base else (merged - base) / (own - base)
+            cells += [shown(base), shown(own), shown(merged), "-" if gain is None else f"{gain:.2f}"]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

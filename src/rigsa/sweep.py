@@ -75,11 +75,14 @@ def record(run_dir: Path, outcome: str, reason: str | None = None, objective: fl
         handle.write(line + "\n")
 
 
-def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | str:
-    """One job of `rigsa-run`; returns the objective. A single run lets errors through (the CLI turns them into
-    exit codes); in a sweep every error is written to the job's folder and the sweep goes on."""
+def run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool, run=None) -> float | str:
+    """One job of `rigsa-run` (or of `rigsa-merge`, given its `run`); returns the objective. A single run lets errors
+    through (the CLI turns them into exit codes); in a sweep every error is written to the job's folder and the
+    sweep goes on."""
     from rigsa import run_folder
-    from rigsa.run import run
+
+    if run is None:
+        from rigsa.run import run
 
     try:
         before = run_folder.inspect(cfg, run_dir)

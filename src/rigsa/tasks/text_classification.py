@@ -35,6 +35,10 @@ def file_format(path: str, key: str) -> str:
     """The `datasets` builder for a local file or folder, or a ConfigError naming the accepted ones."""
     expanded = Path(os.path.expanduser(str(path)))
     if not expanded.exists():
+        from rigsa.assets import cache_root
+
+        if cache_root() / "assets" in expanded.parents:  # a packaged task's data (conf/task/sentiment_*.yaml)
+            fail(key, path, "a fetched asset", "run `rigsa-assets` (or `make assets`) once to fetch it")
         fail(key, path, "an existing file or folder", f"check the path, or pass {key}=<a csv, jsonl or parquet file>")
     if expanded.is_dir():
         return "saved"  # a folder written by Dataset.save_to_disk / DatasetDict.save_to_disk

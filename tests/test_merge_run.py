@@ -144,6 +144,14 @@ def copied_results(folder: Path, target: Path, **changes) -> Path:
     return target
 
 
+def without_adapter(folder: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, target)
+    shutil.rmtree(target / "adapter")
+    return target
+
+
 # (the adapters, as a function of the sources fixture and tmp_path; extra overrides; the error line contains)
 REFUSALS = [
     (lambda s, t: [s["digits"], s["digits"]], [], "are both adapters of task 'textual_mnist'"),
@@ -159,6 +167,7 @@ REFUSALS = [
      "was trained on a base whose weights differ from"),
     (lambda s, t: [s["digits"], copied_results(s["sst2"], t / "x", base_fingerprint="f" * 64)], [],
      "was trained from a base model whose weights differ from"),
+    (lambda s, t: [s["digits"], without_adapter(s["sst2"], t / "x")], [], "holds no adapter (its adapter/ folder"),
     (lambda s, t: [s["digits"], t / "nothing"], [], "is not a finished run (no results.json or config.yaml there)"),
     (lambda s, t: [s["digits"], s["sst2"]], ["merge_method=soup"], "merge_method='soup' is invalid: expected one of"),
     (lambda s, t: [s["digits"], s["sst2"]], ["merge_method=ties", "density=0"],

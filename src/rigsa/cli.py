@@ -26,6 +26,23 @@ EXIT_FAILED, EXIT_REFUSED, EXIT_ENVIRONMENT = 1, 2, 4
 REFUSED = (ConfigError, AssetError, HubUnreachable, UnreadableFile, RunFolderBusy)
 
 
+def job_or_exit(program: str, run_dir: Path, job, failed: tuple = (), refused: tuple = ()):
+    """Run one Hydra job; its errors become the documented exit codes (above), each with one line."""
+    try:
+        return job()
+    except (*REFUSED, *refused, *failed) as error:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # Hydra creates the folder before a run starts: a refused run leaves none
+        print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_FAILED if isinstance(error, failed) else EXIT_REFUSED)
+    except (OSError, RuntimeError) as error:
+        fault = environment_fault(error, str(run_dir))
+        if fault is None:
+            raise
+        print(f"\n{program}: error: {fault}", file=sys.stderr)  # on its own line after a progress bar
+        sys.exit(EXIT_ENVIRONMENT)
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
@@ -34,19 +51,8 @@ def _hydra_main(cfg: DictConfig) -> float:
     from rigsa.train import TrainingDiverged
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        return run_job(cfg, run_dir, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN)
-    except (*REFUSED, TrainingDiverged) as error:
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # Hydra creates the folder before a run starts: a refused run leaves none
-        print(f"rigsa-run: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_FAILED if isinstance(error, TrainingDiverged) else EXIT_REFUSED)
-    except (OSError, RuntimeError) as error:
-        fault = environment_fault(error, str(run_dir))
-        if fault is None:
-            raise
-        print(f"\nrigsa-run: error: {fault}", file=sys.stderr)  # on its own line after a progress bar
-        sys.exit(EXIT_ENVIRONMENT)
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    return job_or_exit("rigsa-run", run_dir, lambda: run_job(cfg, run_dir, in_sweep), failed=(TrainingDiverged,))
 
 
 def first_value(override) -> str:
@@ -225,13 +231,9 @@ def _merge_hydra_main(cfg: DictConfig) -> float:
     from rigsa.sweep import run_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        return run_job(cfg, run_dir, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN, run=merge_run)
-    except (*REFUSED, AdapterMismatch) as error:
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
-        print(f"rigsa-merge: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_REFUSED)
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    return job_or_exit("rigsa-merge", run_dir, lambda: run_job(cfg, run_dir, in_sweep, run=merge_run),
+                       refused=(AdapterMismatch,))
 
 
 def merge_refusal(overrides: list[str]) -> str | None:

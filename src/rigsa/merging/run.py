@@ -24,8 +24,7 @@ from rigsa.adapters.load import apply_adapter
 from rigsa.evaluate import target_accuracy
 from rigsa.merging.combine import MAJORITY_SIGN, MERGE_METHODS, MergeSettings
 from rigsa.merging.deltas import merge_adapters, write_merged
-from rigsa.merging.heads import write_heads
-from rigsa.merging.heads import task_readout
+from rigsa.merging.heads import task_readout, write_heads
 from rigsa.merging.sources import Source, check_on_base, check_sources, read_source
 from rigsa.run import measured_once, resolve_device, summarize
 from rigsa.tasks import build_task

@@ -43,7 +43,12 @@ def read_source(run_dir: str | Path) -> Source:
         raise ConfigError(f"merge.adapters: {run_dir} is not a finished run (no results.json or config.yaml there). "
                           f"Fix: {fix}")
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    return Source(run_dir, cfg, read_results(run_dir), read_adapter(run_dir / "adapter"))
+    try:
+        adapter = read_adapter(run_dir / "adapter")
+    except FileNotFoundError:
+        raise ConfigError(f"merge.adapters: {run_dir} holds no adapter (its adapter/ folder is missing or empty). "
+                          f"Fix: {fix}") from None
+    return Source(run_dir, cfg, read_results(run_dir), adapter)
 
 
 def layer_shapes(adapter: Adapter) -> dict[str, tuple[int, ...]]:

@@ -133,7 +133,8 @@ def saved_config(config) -> dict:
 # The keys that usually tell runs apart, in the order a row label names them, with their short names.
 LABEL_KEYS = {"variant": None, "method.name": None, "task.readout": "readout", "train.lr": "lr", "method.r": "r",
               "method.budget.density": "density", "pruning.name": "pruning", "model.quantize": "quantize",
-              "model.base_dtype": "base", "train.max_steps": "steps", "dtype": "dtype"}
+              "model.base_dtype": "base", "train.max_steps": "steps", "dtype": "dtype",
+              "name": None, "merge_method": None, "density": "density", "scale": "lambda"}  # the last: rigsa-merge's
 
 
 def auto_label(config: dict, varying: list[str], others: list[dict] | None = None) -> str:

@@ -85,6 +85,13 @@ def test_a_merge_scores_each_task_with_its_own_readout_and_resumes_without_resco
     assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "m" / "scores").iterdir()} == score_files
     assert (tmp_path / "m" / "results.json").stat().st_mtime_ns != written
 
+    # another set of adapters over that folder (run.overwrite): no score of the old merge is read back
+    alone = compose([f"adapters=[{sources['sst2']}]", "eval=target", f"run.root={tmp_path}", "device=cpu",
+                     "merge_method=ties", "density=0.5", "run.overwrite=true"], config_name="merge")
+    assert list(merge_run(alone, tmp_path / "m")["tasks"]) == ["glue_sst2"]
+    assert [path.name for path in (tmp_path / "m" / "scores").iterdir()] == ["glue_sst2.json"]
+    assert (tmp_path / "m" / "scores" / "glue_sst2.json").stat().st_mtime_ns != score_files["glue_sst2.json"]
+
 
 @pytest.mark.slow  # two multi-process sweeps (30-60 s): make test-slow
 def test_a_two_method_merge_sweep_finishes_and_a_resubmission_recomputes_nothing(sources, tmp_path):

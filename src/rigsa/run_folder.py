@@ -108,6 +108,15 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return found
 
 
+def holds_config(cfg: DictConfig, run_dir: Path) -> bool:
+    """The folder's config.yaml is readable and is `cfg` (but the RESUMABLE_KEYS)."""
+    try:
+        old = OmegaConf.load(run_dir / "config.yaml")
+        return isinstance(old, DictConfig) and not _differences(_comparable(old), _comparable(cfg))
+    except Exception:  # absent or unreadable: not this config
+        return False
+
+
 def has_checkpoint(run_dir: Path) -> bool:
     return any((run_dir / "checkpoint").glob("*.pt"))
 

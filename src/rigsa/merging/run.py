@@ -4,7 +4,7 @@ merge_run(cfg, run_dir): the settings and the adapters' run folders checked (no 
 (locked, config.yaml), the base loaded from the first adapter's run config and every adapter checked on it, the
 merged adapter written to `adapter/` (with each task's head in `adapter/heads/`), each source task's test split
 scored on the merged model with that task's own readout (kept in `scores/<task>.json`, so an interrupted merge
-resumes without rescoring), the forgetting suite against the cached base scores, and results.json: per task the
+resumes without rescoring; a folder whose config changed starts its scores again), the forgetting suite against the cached base scores, and results.json: per task the
 base, the individual adapter (both from the source run's results.json, measured on the same test split) and the
 merged score; `target.accuracy` is the merged model's mean over the tasks, the number a sweep's objective and
 `rigsa-report` read.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def merge_run(cfg: DictConfig, run_dir: str | Path) -> dict:
         status = run_folder.inspect(cfg, run_dir)
         if status == "complete":
             return run_folder.read_results(run_dir)
+        if not run_folder.holds_config(cfg, run_dir):  # scores kept by an interrupted merge of another config
+            shutil.rmtree(run_dir / SCORES_FOLDER, ignore_errors=True)
         run_folder.start(cfg, run_dir, status)
         return measured(cfg, settings, sources, tokenizer, tasks, run_dir)
 

@@ -262,3 +262,23 @@ def test_each_adapter_is_checked_on_the_loaded_base_and_refused_on_another(optio
     if option != "full":  # its own record tells the base too: refused with the run's fingerprint unknown
         with pytest.raises(AdapterMismatch, match="was trained on a different base model"):
             check_on_base(other, dataclasses.replace(source, results={}), loaded)
+
+
+@pytest.mark.slow  # lm-eval on the merged model (20-40 s): make test-slow
+def test_a_merge_measures_forgetting_against_the_cached_base(sources, tmp_path, private_cache):
+    from rigsa.merging.run import merge_run
+
+    suite = ["eval=offline", "eval.forgetting=[{task: rigsa_prose_bpb, num_fewshot: 0, limit: 2}]"]
+    cfg = compose([f"adapters=[{sources['digits']},{sources['sst2']}]", f"run.root={tmp_path}", "device=cpu",
+                   *suite], config_name="merge")
+    results = merge_run(cfg, tmp_path / "a")
+    block = results["forgetting"]
+    assert list(block["tasks"]) == ["rigsa_prose_bpb"] and block["mean_forgetting"] is not None
+    cached = list((private_cache / "base_forgetting").glob("*.json"))
+    assert len(cached) == 1  # the base's suite, measured once and kept
+    again = merge_run(compose([f"adapters=[{sources['digits']},{sources['sst2']}]", f"run.root={tmp_path}",
+                               "device=cpu", "merge_method=mean", *suite], config_name="merge"), tmp_path / "b")
+    assert list((private_cache / "base_forgetting").glob("*.json")) == cached  # read back, not measured again
+    bases = [{metric: row["base"] for metric, row in run["forgetting"]["tasks"]["rigsa_prose_bpb"].items()}
+             for run in (results, again)]
+    assert bases[0] == bases[1] and bases[0]

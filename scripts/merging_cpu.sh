@@ -24,7 +24,7 @@ run --multirun experiment=sparse_merging_cpu seed=$SEED train.threads=$THREADS l
 run --multirun experiment=sparta_table6_cpu seed=$SEED train.threads=$THREADS logger=none
 
 ADAPTERS=runs/sparse_merging_cpu/adapters
-for method in sparta lora full; do
+for method in snip lora full; do
   pair="[$ADAPTERS/smollm2_135m-$method-sentiment_tweets-seed$SEED,$ADAPTERS/smollm2_135m-$method-sentiment_movie_reviews-seed$SEED]"
   common=(adapters="$pair" name=$method eval=target threads=$THREADS run.root=runs/sparse_merging_cpu/merges
           report.name=sparse_merging_cpu seed=$SEED)

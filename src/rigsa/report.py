@@ -153,7 +153,8 @@ def auto_label(config: dict, varying: list[str], others: list[dict] | None = Non
             break
         if key not in chosen and config.get(key) is not None:
             chosen.append(key)
-    fallback = config.get("variant") or config.get("method.name") or "all runs"  # nothing differs: name the method
+    merge = ", ".join(str(config[key]) for key in ("name", "merge_method") if config.get(key))  # rigsa-merge's
+    fallback = config.get("variant") or config.get("method.name") or merge or "all runs"  # nothing differs: the method
     return ", ".join(shown(key) for key in chosen) or str(fallback)
 
 

@@ -52,6 +52,7 @@ def files(folder: Path) -> dict[str, tuple[bytes, int]]:
             for path in sorted(folder.rglob("*")) if path.is_file() and ".sweeps" not in path.parts}
 
 
+@pytest.mark.slow  # a whole tuned search, its final runs and a resubmission in process (40 s): make test-slow
 def test_a_tuned_comparison_searches_on_validation_only_runs_the_choice_and_recomputes_nothing(tmp_path):
     root = tmp_path / "tuned"
     arguments = ["--multirun", *TUNED, "variant=lora_r8,sparta_5pct", "seed=0", f"run.root={root}"]

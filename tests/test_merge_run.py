@@ -282,3 +282,21 @@ def test_a_merge_measures_forgetting_against_the_cached_base(sources, tmp_path, 
     bases = [{metric: row["base"] for metric, row in run["forgetting"]["tasks"]["rigsa_prose_bpb"].items()}
              for run in (results, again)]
     assert bases[0] == bases[1] and bases[0]
+
+
+def test_a_mergekit_yaml_goes_through_the_command_and_a_bad_one_is_refused_in_one_line(sources, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from rigsa import cli
+
+    spec = tmp_path / "merge.yaml"
+    spec.write_text(f"models:\n  - model: {sources['digits']}\n  - model: {sources['digits']}\nmerge_method: ties\n")
+    monkeypatch.setattr(sys, "argv", ["rigsa-merge", f"mergekit={spec}", "eval=target", f"run.root={tmp_path}"])
+    with pytest.raises(SystemExit) as stopped:  # its adapters reach the checks: two of one task
+        cli.merge_main()
+    assert stopped.value.code == 2 and "are both adapters of task 'textual_mnist'" in capsys.readouterr().err
+    spec.write_text("models:\n  - model: runs/a\nmerge_method: slerp\n")
+    monkeypatch.setattr(sys, "argv", ["rigsa-merge", f"mergekit={spec}"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.merge_main()
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and error.count("\n") == 0 and "merge_method 'slerp' is not one of linear" in error

@@ -21,16 +21,16 @@ def sparse(indices, values, gate=1.0) -> SparseDelta:
 def test_overlap_mean_divides_each_position_by_the_adapters_that_trained_it():
     """mttl's uniform sparse merge: A trained positions 0-2, B positions 2-3; only position 2 is shared."""
     merged = merge_parameter("w", [sparse([0, 1, 2], [1.0, 2.0, 3.0]), sparse([3, 2], [7.0, 5.0])],
-                             settings("overlap_mean", 2), shape=lambda: (2, 2))
+                             settings("overlap_mean", 2), shape=(2, 2))
     assert merged.indices.tolist() == [0, 1, 2, 3] and merged.indices.dtype == torch.int32
     assert merged.values.tolist() == [1.0, 2.0, 4.0, 7.0]  # (3 + 5) / 2 at the shared position
     mean = merge_parameter("w", [sparse([0, 1, 2], [1.0, 2.0, 3.0]), sparse([3, 2], [7.0, 5.0])],
-                           settings("mean", 2), shape=lambda: (2, 2))
+                           settings("mean", 2), shape=(2, 2))
     assert mean.values.tolist() == [0.5, 1.0, 4.0, 3.5]
 
 
 def test_a_gate_is_folded_into_the_merged_values():
-    merged = merge_parameter("w", [sparse([4], [2.0], gate=0.5)], settings("sum", 1), shape=lambda: (3, 3))
+    merged = merge_parameter("w", [sparse([4], [2.0], gate=0.5)], settings("sum", 1), shape=(3, 3))
     assert merged.values.tolist() == [1.0] and merged.gate.tolist() == [1.0]
 
 
@@ -54,7 +54,7 @@ def test_magnitude_pruning_keeps_the_density_of_each_adapters_own_values():
     first = sparse(list(range(0, 20, 2)), values)
     second = sparse(list(range(1, 20, 2)), [0.01] * 10)
     merged = merge_parameter("w", [first, second], MergeSettings("magnitude_prune", (1.0, 0.0), (0.3, 0.3)),
-                             shape=lambda: (4, 5))
+                             shape=(4, 5))
     assert merged.values.nonzero().reshape(-1).tolist() == [14, 16, 18]  # positions 14, 16, 18: values 8, 9, 10
     assert merged.values[[14, 16, 18]].tolist() == [8.0, 9.0, 10.0]
 
@@ -85,7 +85,7 @@ def test_dare_ties_elects_signs_after_the_random_drop():
 
 def test_mixed_sparse_and_dense_inputs_merge_densely():
     dense = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
-    merged = merge_parameter("w", [sparse([3], [2.0]), dense], settings("overlap_mean", 2), shape=lambda: (2, 2))
+    merged = merge_parameter("w", [sparse([3], [2.0]), dense], settings("overlap_mean", 2), shape=(2, 2))
     assert merged.tolist() == [[1.0, 1.0], [1.0, 1.5]]
 
 

@@ -86,6 +86,7 @@ SENTIMENT_SETS = {"tweets": "tweets_GroundTruth.txt", "movie_reviews": "movieRev
                   "amazon_reviews": "amazonReviewSnippets_GroundTruth.txt",
                   "nyt_editorials": "nytEditorialSnippets_GroundTruth.txt"}
 NEUTRAL_BAND = 0.5
+TASKS_FOLDER = "tasks"  # where an asset's task files go (the sentiment asset's jsonl files)
 
 
 def cache_root() -> Path:
@@ -235,8 +236,8 @@ def fetch(name: str) -> Path:
             record["model_dir"] = "model"
             record["model_sha256"] = sha256_file(model_dir / "model.safetensors")
         if name == "sentiment":
-            write_sentiment_tasks(final, target / "tasks")
-            record["folder"] = "tasks"
+            write_sentiment_tasks(final, target / TASKS_FOLDER)
+            record["folder"] = TASKS_FOLDER
         _marker(name).write_text(json.dumps(record, indent=2))
     return locate(name)
 
@@ -253,7 +254,7 @@ def locate(name: str) -> Path:
 
 def expected_path(name: str) -> str:
     """Where an asset's tasks are once fetched (`${rigsa_asset:sentiment}` in a task YAML): known before it is."""
-    return str(_asset_dir(name) / "tasks")
+    return str(_asset_dir(name) / TASKS_FOLDER)
 
 
 def verify(name: str) -> str:

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption without changing what is computed.
 # optuna_trial says where a run reports its validation losses, not what it computes; run.root is where the folder
 # is (runs/x and ./runs/x are one folder, and a folder moved to another disk is still its run)
-RESUMABLE_KEYS = ("logger", "train.threads", "threads", "eval.batch_size", "run.overwrite", "report", "objective", "optuna_trial",
-                  "run.root")
+RESUMABLE_KEYS = ("logger", "train.threads", "threads", "eval.batch_size", "run.overwrite", "report", "objective",
+                  "optuna_trial", "run.root")
 LOCK_FILE = ".lock"
 RUN_FILES = ("checkpoint", "adapter", "metrics.jsonl", "results.json", "wandb_id.txt", "wandb", "error.json")
 

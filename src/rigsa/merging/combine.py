@@ -21,8 +21,9 @@ holds (its trained values; every position of a dense or low-rank delta). Every m
 `density` is the fraction of *each adapter's own values* in each parameter (mttl prunes an expert's trained values,
 not the positions other experts trained): a sparse adapter with 1,000 values in a layer keeps 200 at density 0.2,
 whatever the union's size. PEFT prunes a whole tensor, which is the same for dense deltas. The threshold is per
-parameter, as PEFT's: mttl's TIES takes one magnitude threshold per expert over the whole model, not offered here. DARE's draws are seeded
-by (seed, parameter name, adapter index): a merge is reproducible and independent of the parameters' order.
+parameter, as PEFT's: mttl's TIES takes one magnitude threshold per expert over the whole model, not offered here.
+DARE's draws are seeded by (seed, parameter name, adapter index): a merge is reproducible and independent of the
+parameters' order.
 """
 from __future__ import annotations
 

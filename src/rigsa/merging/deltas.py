@@ -12,37 +12,50 @@ kept as factors: a merge of LoRA adapters is exact as a dense delta, and no merg
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rigsa.adapters import (DENSE_FORMAT, OUTPUT_HEAD, SPARSE_FORMAT, Adapter, DenseDelta, LowRankDelta,
                             SparseDelta)
-from rigsa.adapters.read import DENSE_SUFFIX
+from rigsa.adapters.read import DENSE_SUFFIX, SPARSE_SUFFIXES
 from rigsa.adapters.write import dense_fingerprint, target_fingerprint, write_files
 from rigsa.merging.combine import MergeSettings, combine
 from rigsa.quantize import dequantized_weight, is_quantized, quantize_as
 
 WEIGHT = ".weight"
-BaseParameter = Callable[[str], torch.Tensor]  # a base parameter's value by name (a 4-bit weight dequantized)
 
 
-def base_parameters(model: torch.nn.Module) -> BaseParameter:
-    """The base model's parameters by name, as merging reads them: a 4-bit layer's weight dequantized, the output
-    head by its adapter name `lm_head.weight` (SmolLM2 ties it to the input embeddings)."""
-    def value(name: str) -> torch.Tensor:
-        if name == OUTPUT_HEAD:
-            return model.get_output_embeddings().weight.detach()
-        if name.endswith(WEIGHT):
-            module = model.get_submodule(name.removesuffix(WEIGHT))
+@dataclass
+class BaseWeights:
+    """The base model's parameters by name, as merging reads them: a 4-bit layer's weight dequantized (only when its
+    values are needed: its shape comes from the layer), the output head by its adapter name `lm_head.weight` (SmolLM2
+    ties it to the input embeddings)."""
+    model: torch.nn.Module
+
+    def quantized_layer(self, name: str) -> torch.nn.Module | None:
+        if name != OUTPUT_HEAD and name.endswith(WEIGHT):
+            module = self.model.get_submodule(name.removesuffix(WEIGHT))
             if is_quantized(module):
-                return dequantized_weight(module)
-        return model.get_parameter(name).detach()
-    return value
+                return module
+        return None
+
+    def value(self, name: str) -> torch.Tensor:
+        if name == OUTPUT_HEAD:
+            return self.model.get_output_embeddings().weight.detach()
+        layer = self.quantized_layer(name)
+        return dequantized_weight(layer) if layer is not None else self.model.get_parameter(name).detach()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name == OUTPUT_HEAD:
+            return tuple(self.model.get_output_embeddings().weight.shape)
+        layer = self.quantized_layer(name)
+        return (layer.out_features, layer.in_features) if layer is not None else tuple(
+            self.model.get_parameter(name).shape)
 
 
-def parameter_deltas(adapter: Adapter, base_parameter: BaseParameter) -> tuple[dict, set[str]]:
+def parameter_deltas(adapter: Adapter, base: BaseWeights) -> tuple[dict, set[str]]:
     """The adapter's delta per base parameter (a SparseDelta or a float32 tensor of the parameter's shape), and the
     names of the parameters it replaces rather than adds to."""
     deltas: dict[str, SparseDelta | torch.Tensor] = {}
@@ -50,13 +63,12 @@ def parameter_deltas(adapter: Adapter, base_parameter: BaseParameter) -> tuple[d
         key = layer + WEIGHT
         if isinstance(delta, SparseDelta):
             deltas[key] = delta
-        elif isinstance(delta, LowRankDelta):
-            base = base_parameter(key)
-            deltas[key] = delta.dense(tuple(base.shape), base if delta.magnitude is not None else None)
+        elif isinstance(delta, LowRankDelta):  # DoRA's delta depends on the base weight
+            deltas[key] = delta.dense(base.shape(key), base.value(key) if delta.magnitude is not None else None)
         else:
-            deltas[key] = delta.dense(tuple(base_parameter(key).shape))
+            deltas[key] = delta.dense(base.shape(key))
     for name, value in adapter.replaced.items():
-        deltas[name] = value.float() - base_parameter(name).float()
+        deltas[name] = value.float() - base.value(name).float()
     return deltas, set(adapter.replaced)
 
 
@@ -64,7 +76,7 @@ def sparse_values(delta: SparseDelta) -> torch.Tensor:
     return delta.gate.float().reshape(()) * delta.values.float()
 
 
-def merge_parameter(key: str, inputs: list, settings: MergeSettings, shape: Callable[[], tuple]):
+def merge_parameter(key: str, inputs: list, settings: MergeSettings, shape: tuple[int, ...]):
     """One parameter's merged delta: a SparseDelta when every adapter's input is sparse (or absent), else a tensor."""
     present = [delta for delta in inputs if delta is not None]
     if all(isinstance(delta, SparseDelta) for delta in present):
@@ -77,8 +89,7 @@ def merge_parameter(key: str, inputs: list, settings: MergeSettings, shape: Call
                 stacked[row, where], own[row, where] = sparse_values(delta), True
         index_dtype = present[0].indices.dtype
         return SparseDelta(positions.to(index_dtype), combine(stacked, own, settings, key), torch.ones(1))
-    size = shape()
-    stacked = torch.zeros(len(inputs), math.prod(size))
+    stacked = torch.zeros(len(inputs), math.prod(shape))
     own = torch.zeros(stacked.shape, dtype=torch.bool)
     for row, delta in enumerate(inputs):
         if isinstance(delta, SparseDelta):
@@ -86,7 +97,7 @@ def merge_parameter(key: str, inputs: list, settings: MergeSettings, shape: Call
             own[row, delta.indices.long().reshape(-1)] = True
         elif delta is not None:
             stacked[row], own[row] = delta.reshape(-1), True
-    return combine(stacked, own, settings, key).reshape(size)
+    return combine(stacked, own, settings, key).reshape(shape)
 
 
 def merge_adapters(adapters: list[Adapter], settings: MergeSettings, model: torch.nn.Module) -> Adapter:
@@ -95,18 +106,16 @@ def merge_adapters(adapters: list[Adapter], settings: MergeSettings, model: torc
     trained adapter does, so it applies (`rigsa.adapters.load.apply_adapter`) and is refused on another base. Its
     `head` is None: the source adapters' classification heads are kept apart (`rigsa.merging.heads`)."""
     quantize_as(model, adapters[0].quantize)
-    base_parameter = base_parameters(model)
-    per_adapter = [parameter_deltas(adapter, base_parameter) for adapter in adapters]
+    base = BaseWeights(model)
+    per_adapter = [parameter_deltas(adapter, base) for adapter in adapters]
     replaced_keys = set().union(*(replaced for _, replaced in per_adapter))
     layers: dict[str, SparseDelta | DenseDelta] = {}
     replaced: dict[str, torch.Tensor] = {}
     for key in sorted(set().union(*(deltas for deltas, _ in per_adapter))):
-        merged = merge_parameter(key, [deltas.get(key) for deltas, _ in per_adapter], settings,
-                                 lambda: tuple(base_parameter(key).shape))
+        merged = merge_parameter(key, [deltas.get(key) for deltas, _ in per_adapter], settings, base.shape(key))
         if key in replaced_keys:
-            base = base_parameter(key)
-            dense = merged.dense(tuple(base.shape)) if isinstance(merged, SparseDelta) else merged
-            replaced[key] = base.float() + dense
+            dense = merged.dense(base.shape(key)) if isinstance(merged, SparseDelta) else merged
+            replaced[key] = base.value(key).float() + dense
         else:
             layers[key.removesuffix(WEIGHT)] = merged if isinstance(merged, SparseDelta) else DenseDelta(merged)
     sparse = (bool(layers) and all(isinstance(delta, SparseDelta) for delta in layers.values())
@@ -114,7 +123,7 @@ def merge_adapters(adapters: list[Adapter], settings: MergeSettings, model: torc
     if sparse:
         fingerprint = target_fingerprint(model, sorted(layers))
     else:
-        layers = {name: DenseDelta(delta.dense(tuple(base_parameter(name + WEIGHT).shape)))
+        layers = {name: DenseDelta(delta.dense(base.shape(name + WEIGHT)))
                   if isinstance(delta, SparseDelta) else delta for name, delta in layers.items()}
         fingerprint = dense_fingerprint(model, sorted(layers), sorted(replaced))
     first = adapters[0]
@@ -133,7 +142,7 @@ def write_merged(adapter: Adapter, directory: Path) -> list[Path]:
     if adapter.format == SPARSE_FORMAT:
         layers = sorted(adapter.layers)
         tensors = {f"{name}.{part}": getattr(adapter.layers[name], part) for name in layers
-                   for part in ("indices", "values", "gate")}
+                   for part in SPARSE_SUFFIXES}
         meta = {**record, "format": SPARSE_FORMAT, "layers": layers}
     else:
         tensors = {name + DENSE_SUFFIX: delta.delta for name, delta in adapter.layers.items()}

@@ -36,12 +36,12 @@ class TaskReadouts:
         """Every task's scores for `batch` from one forward pass of `model`."""
         output = forward_last(model, batch, hidden=any(isinstance(readout, ClassifierHead)
                                                        for readout in self.readouts.values()))
+        logits = output.logits[:, -1, :].float()
         scores = {}
         for task, readout in self.readouts.items():
             if isinstance(readout, ClassifierHead):
                 scores[task] = readout.head(output.hidden_states[-1][:, -1, :]).float()
             else:
-                logits = output.logits[:, -1, :].float()
                 scores[task] = logits[:, readout.label_token_ids.to(logits.device)]
         return scores
 

@@ -4,10 +4,10 @@ merge_run(cfg, run_dir): the settings and the adapters' run folders checked (no 
 (locked, config.yaml), the base loaded from the first adapter's run config and every adapter checked on it, the
 merged adapter written to `adapter/` (with each task's head in `adapter/heads/`), each source task's test split
 scored on the merged model with that task's own readout (kept in `scores/<task>.json`, so an interrupted merge
-resumes without rescoring; a folder whose config changed starts its scores again), the forgetting suite against the cached base scores, and results.json: per task the
-base, the individual adapter (both from the source run's results.json, measured on the same test split) and the
-merged score; `target.accuracy` is the merged model's mean over the tasks, the number a sweep's objective and
-`rigsa-report` read.
+resumes without rescoring; a folder whose config changed starts its scores again), the forgetting suite against
+the cached base scores, and results.json: per task the base, the individual adapter (both from the source run's
+results.json, measured on the same test split) and the merged score; `target.accuracy` is the merged model's mean
+over the tasks, the number a sweep's objective and `rigsa-report` read.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from rigsa.merging.combine import MAJORITY_SIGN, MERGE_METHODS, MergeSettings
 from rigsa.merging.deltas import merge_adapters, write_merged
 from rigsa.merging.heads import task_readout, write_heads
 from rigsa.merging.sources import Source, check_on_base, check_sources, read_source
-from rigsa.run import measured_once, resolve_device, summarize
+from rigsa.run import adapted_forgetting, measured_once, resolve_device
 from rigsa.tasks import build_task
 from rigsa.vocabulary import fail
 
@@ -125,11 +125,9 @@ def measured(cfg: DictConfig, settings: MergeSettings, sources: list[Source], to
         print(f"{source.task}: {data.metric} base {per_task[source.task]['base']}, individual "
               f"{per_task[source.task]['individual']}, merged {score['metrics'][data.metric]:.4f} on {score['n']}")
     forgetting_results = None
-    if base_suite is not None:
-        adapted_suite = forgetting.evaluate_suite(model, tokenizer, cfg.eval, device, first.dtype, first.seed)
-        forgetting_results = forgetting.forgetting_block(base_suite, adapted_suite)
-        print(f"merged model, eval={cfg.eval.name}: {summarize(adapted_suite)}; mean forgetting "
-              f"{forgetting_results['mean_forgetting']:+.4f}")
+    if base_suite is not None:  # as rigsa-run measures an adapted model, in the sources' dtype and seed
+        measured_as = OmegaConf.create({"eval": cfg.eval, "dtype": first.dtype, "seed": first.seed})
+        forgetting_results = adapted_forgetting(model, tokenizer, measured_as, device, base_suite, "merged model")
     results = results_of(cfg, settings, sources, merged, per_task, forgetting_results, base_fingerprint,
                          time.perf_counter() - started, run_dir)
     from rigsa.cache import write_text_atomically

@@ -1,12 +1,12 @@
 """The adapters a merge takes, by run folder: each folder's config, results and adapter read, and the set checked
 against itself before any model loads. Each refusal is one line naming the adapter and the fix.
 
-Refused here: a folder that is no finished run; adapters trained on different base models (the `model` configs, which
-name the tokenizer too; the runs' base fingerprints; the adapters' own where two record the same kind), over
-different 4-bit settings, or in different compute dtypes; two adapters of one task (their heads and scores would clash); two
-adapters whose deltas for one layer have different shapes (never skipped, unlike mergekit). Checked after the model
-loads (`check_on_base`): every adapter fits it and was trained on it, as `rigsa-apply` checks one, and the base is
-the one each run loaded.
+Refused here: a folder that is no finished run; adapters trained on different base models (the `model` configs,
+which name the tokenizer too; the runs' base fingerprints; the adapters' own where two record the same kind), over
+different 4-bit settings, or in different compute dtypes; two adapters of one task (their heads and scores would
+clash); two adapters whose deltas for one layer have different shapes (never skipped, unlike mergekit). Checked
+after the model loads (`check_on_base`): every adapter fits it and was trained on it, as `rigsa-apply` checks one,
+and the base is the one each run loaded.
 """
 from __future__ import annotations
 
@@ -126,7 +126,8 @@ def check_on_base(model, source: Source, loaded_fingerprint: str) -> None:
     run_base = source.results.get("base_fingerprint")
     if run_base and run_base != loaded_fingerprint:
         raise AdapterMismatch(f"{source.run_dir} was trained from a base model whose weights hash to "
-                              f"{run_base[:12]}…, not this one's {loaded_fingerprint[:12]}…: load the base model it was trained on")
+                              f"{run_base[:12]}…, not this one's {loaded_fingerprint[:12]}…: load the base model it was "
+                              "trained on")
     if not adapter.base_fingerprint or adapter.fingerprint_before_quantize:
         return  # older records: a dense adapter without one, a QLoRA one hashed before quantizing (apply checks it)
     if adapter.format == PEFT_FORMAT:
